@@ -1,0 +1,257 @@
+"""Image-folder helpers shared by mean_std.py, makedata.py, train.py and test.py.
+
+A data set is a folder with one sub-folder per class (the torchvision ImageFolder
+layout)::
+
+    root/<class name>/<image>          (nested folders inside a class are allowed)
+
+The public API is small:
+
+``IMAGE_EXTENSIONS``
+    Lower-case file extensions (with the dot) treated as images. Matching is
+    case-insensitive; use ``is_image_file`` rather than testing the set yourself.
+``scan_image_folder(root) -> ImageFolderIndex``
+    Lists classes and their image files, sorted and deterministic. Hidden files and
+    folders (name starting with ".") are skipped; non-image files inside class
+    folders and images lying directly under ``root`` are reported in ``skipped``.
+    Class indices follow the sorted class names, as in torchvision's ImageFolder.
+``open_rgb(path) -> PIL.Image.Image``
+    Decodes any image (modes L, P, RGBA, LA, CMYK, I;16, I, F, ...) to an 8-bit RGB
+    image; raises ``ImageReadError`` with the path and the reason when it cannot.
+``atomic_write_text(path, text)`` / ``atomic_write_json(path, obj)``
+    Write to a temporary file in the same folder, then ``os.replace`` it into
+    place: readers see the old file or the new one, never a half-written one.
+
+The helpers never print; callers decide how to report ``skipped`` files and read
+errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageFolderIndex",
+    "ImageReadError",
+    "atomic_write_json",
+    "atomic_write_text",
+    "is_image_file",
+    "open_rgb",
+    "scan_image_folder",
+]
+
+#: Extensions (lower case, with the dot) of the files treated as images.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff",
+    ".webp", ".ppm", ".pgm", ".pbm", ".pnm",
+})
+
+#: Colour used under transparent pixels by ``open_rgb`` unless told otherwise.
+DEFAULT_BACKGROUND = (255, 255, 255)
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be opened or decoded (the message names it)."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True when the file name has an image extension (case-insensitive)."""
+    return os.path.splitext(os.fspath(path))[1].lower() in IMAGE_EXTENSIONS
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+# --------------------------------------------------------------------------- listing
+
+@dataclass
+class ImageFolderIndex:
+    """What ``scan_image_folder`` found under ``root``.
+
+    Attributes:
+        root: the folder that was scanned.
+        classes: class names (sub-folder names), sorted.
+        images: class name -> its image files (``root / class / ...`` paths),
+            sorted by their path relative to the class folder.
+        skipped: ``(path, reason)`` for files that were left out: non-image files
+            inside class folders and image files directly under ``root``. Other
+            non-image files directly under ``root`` (a README, say) are ignored
+            silently.
+    """
+
+    root: Path
+    classes: list[str] = field(default_factory=list)
+    images: dict[str, list[Path]] = field(default_factory=dict)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def num_images(self) -> int:
+        return sum(len(files) for files in self.images.values())
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+    def samples(self) -> list[tuple[Path, int]]:
+        """``(path, class index)`` for every image, class by class, in order."""
+        return [(path, idx) for idx, name in enumerate(self.classes)
+                for path in self.images[name]]
+
+
+def _walk_files(folder: Path) -> Iterator[Path]:
+    """Non-hidden files under ``folder``, recursively, in sorted order."""
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
+        for name in sorted(filenames):
+            if not _is_hidden(name):
+                yield Path(dirpath, name)
+
+
+def scan_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
+    """List the class folders under ``root`` and the image files in each.
+
+    Deterministic: classes sorted by name, files sorted by their path relative to
+    the class folder (nested folders are walked). A class folder without images
+    is kept (with an empty list) so the caller can say so.
+
+    Raises:
+        FileNotFoundError: ``root`` does not exist.
+        NotADirectoryError: ``root`` is not a folder.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+
+    index = ImageFolderIndex(root=root)
+    with os.scandir(root) as entries:
+        entries = sorted(entries, key=lambda e: e.name)
+    for entry in entries:
+        if _is_hidden(entry.name):
+            continue
+        path = root / entry.name
+        if entry.is_dir():
+            index.classes.append(entry.name)
+        elif is_image_file(entry.name):
+            index.skipped.append((path, "image outside any class folder"))
+
+    for name in index.classes:
+        class_dir = root / name
+        files = []
+        for path in _walk_files(class_dir):
+            if is_image_file(path.name):
+                files.append(path)
+            else:
+                index.skipped.append((path, "not an image file (extension)"))
+        files.sort(key=lambda p: p.relative_to(class_dir).as_posix())
+        index.images[name] = files
+    return index
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _high_depth_to_l(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float grey image -> 8-bit 'L', scaling, not clipping.
+
+    Integer modes (I;16*, I) are taken as 16-bit data (0..65535 -> 0..255). Float
+    images ('F') are taken as 0..1 when their maximum is at most 1, else 0..255.
+    """
+    arr = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        finite = arr[np.isfinite(arr)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        arr = np.nan_to_num(arr, nan=0.0) * scale
+    else:
+        arr = np.clip(arr, 0, 65535) / 257.0
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode.startswith("I") or mode == "F":
+        return _high_depth_to_l(img).convert("RGB")
+    has_alpha = (mode in ("RGBA", "LA", "PA", "RGBa", "La")
+                 or "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def open_rgb(path: str | os.PathLike,
+             background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """Open and fully decode an image file as an 8-bit RGB ``PIL.Image``.
+
+    - Any mode is accepted: grey and palette images are expanded, CMYK is
+      converted, 16-bit and float images are rescaled to 0..255 (not clipped).
+    - Transparent pixels (RGBA, LA, PA, palette or grey transparency) are
+      composited over ``background`` (white by default), so hidden colour values
+      under transparent pixels never leak into the result.
+    - The EXIF orientation tag is applied, so photos come out the right way up.
+    - Multi-frame files (GIF, TIFF) give their first frame.
+
+    The file is closed before returning. Truncated, corrupt or unsupported files
+    raise ``ImageReadError`` naming the path and the reason.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return _to_rgb(img, background)
+    except ImageReadError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError, TypeError,
+            Image.DecompressionBombError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise ImageReadError(f"cannot read image {os.fspath(path)}: {reason}") from exc
+
+
+# --------------------------------------------------------------------------- writing
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; returns ``Path(path)``.
+
+    The data goes to a temporary file in the destination folder (which must
+    exist), is flushed to disk, then renamed over ``path`` with ``os.replace``.
+    An existing ``path`` is replaced: deciding whether that is allowed is the
+    caller's job. The new file gets the usual permissions (0o666 minus umask).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
+    """``atomic_write_text`` of ``obj`` as UTF-8 JSON (non-ASCII kept readable)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
