@@ -73,8 +73,8 @@ def available_backends() -> dict[str, Optional[str]]:
     return {name: (None if _load(name) else _load_errors.get(name)) for name in BACKENDS}
 
 
-def _unavailable(name: str, why: str) -> BackendUnavailableError:
-    fix = _BACKEND_SOURCES[name][2]
+def _unavailable(name: str, why: str, fix: Optional[str] = None) -> BackendUnavailableError:
+    fix = fix or _BACKEND_SOURCES[name][2]
     hint = f" Fix: {fix}" if fix else ""
     return BackendUnavailableError(f"selective-scan backend '{name}' is unavailable ({why}).{hint}")
 
@@ -106,7 +106,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if _load(backend) is None:
         raise _unavailable(backend, _load_errors.get(backend, "not importable"))
     if backend != "torch" and device.type != "cuda":
-        raise _unavailable(backend, f"it needs CUDA tensors, got {device.type}")
+        # installed fine, so reinstalling would not help: say what would
+        raise _unavailable(backend, f"it needs CUDA tensors, got {device.type}",
+                           fix="move the tensors to a CUDA device, or pass backend='torch'")
     return backend
 
 
@@ -122,8 +124,11 @@ def _check_shapes(u, delta, A, B, C, D, delta_bias) -> None:
     for name, t in (("B", B), ("C", C)):
         if t.dim() != 4 or t.shape[0] != batch or t.shape[2] != n_state or t.shape[3] != length:
             raise ValueError(f"{name} must be (batch={batch}, G, N={n_state}, L={length}), got {tuple(t.shape)}")
-        if dim % t.shape[1] != 0:
+        if t.shape[1] == 0 or dim % t.shape[1] != 0:
             raise ValueError(f"{name} has G={t.shape[1]} groups, which must divide D={dim}")
+    if B.shape[1] != C.shape[1]:
+        # the compiled kernels index B and C with one group count
+        raise ValueError(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
             raise ValueError(f"{name} must be ({dim},), got {tuple(t.shape)}")
