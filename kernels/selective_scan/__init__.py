@@ -147,4 +147,4 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
     """
     _check_shapes(u, delta, A, B, C, D, delta_bias)
     name = resolve_backend(backend, u.device)
-    return _loaded[name](u, delta, A, B, C, D, delta_bias, delta_softplus)
+    return _load(name)(u, delta, A, B, C, D, delta_bias, delta_softplus)

@@ -1,0 +1,623 @@
+"""GroupMamba image classifiers (Shaker et al., "GroupMamba: Efficient Group-Based
+Visual State Space Model", CVPR 2025), in timm's ``models/<family>.py`` layout:
+blocks, the model, the checkpoint filter and loader, configs, registered variants.
+
+Four stages of (downsample, GroupMamba blocks, LayerNorm); a class-attention style
+``ClassBlock`` pools the last stage into one token; two linear heads (``head`` and
+the DeiT-style ``dist_head``) read it. In training both logits are returned, in
+evaluation their mean.
+
+State-dict keys, shapes and the forward computation match the official release
+(github.com/Amshaker/GroupMamba), so released checkpoints load with ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from .csms6s import SCAN_DIRECTIONS
+from .ss2d import SS2D
+
+__all__ = ["GroupMamba", "GroupMambaLayer", "checkpoint_filter_fn", "load_pretrained", "LoadInfo"]
+
+_logger = logging.getLogger(__name__)
+
+HEAD_NAMES = ("head", "dist_head")
+
+
+# --------------------------------------------------------------------------- blocks
+
+class Mlp(nn.Module):
+    """Two-layer GELU MLP on tokens (the ClassBlock's feed-forward)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DWConv(nn.Module):
+    """3x3 depth-wise conv applied to ``(B, H*W, C)`` tokens."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch, _, channels = x.shape
+        # a channels-last view: the conv keeps that layout, so the way back is free too
+        grid = x.transpose(1, 2).view(batch, channels, height, width)
+        return self.dwconv(grid).flatten(2).transpose(1, 2)
+
+
+class ConvMlp(nn.Module):
+    """PVT-v2 feed-forward: fc1, depth-wise conv, GELU, fc2."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = self.fc1(x)
+        x = self.act(self.dwconv(x, height, width))
+        return self.fc2(x)
+
+
+class GroupMambaLayer(nn.Module):
+    """The token mixer: four SS2D scans on four channel quarters, gated by channel affinity.
+
+    LayerNorm; a squeeze/excite gate from the mean token; each quarter of the
+    channels scanned in its own direction; the concatenation times ``skip_scale``
+    times the normed input; the gate; the same LayerNorm again; a projection.
+
+    Shapes: ``(B, H*W, C)`` -> ``(B, H*W, output_dim)``.
+    """
+
+    def __init__(self, input_dim: int, output_dim: int, d_state: int = 1, d_conv: int = 3,
+                 expand: float = 1, reduction: int = 16, scan_backend: str = "auto"):
+        super().__init__()
+        if input_dim % len(SCAN_DIRECTIONS):
+            raise ValueError(f"GroupMambaLayer splits channels into {len(SCAN_DIRECTIONS)} groups; "
+                             f"input_dim={input_dim} is not divisible by {len(SCAN_DIRECTIONS)}")
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        # Registration order reproduces the released state_dict order.
+        self.skip_scale = nn.Parameter(torch.ones(1))
+        self.fc1 = nn.Linear(input_dim, input_dim // reduction)
+        self.fc2 = nn.Linear(input_dim // reduction, output_dim)
+        # the released models use a default-eps LayerNorm here, whatever norm_layer is
+        self.norm = nn.LayerNorm(input_dim)
+        group_dim = input_dim // len(SCAN_DIRECTIONS)
+        for index, direction in enumerate(SCAN_DIRECTIONS, start=1):
+            scan = SS2D(group_dim, d_state=d_state, ssm_ratio=expand, d_conv=d_conv,
+                        direction=direction, scan_backend=scan_backend)
+            self.add_module(f"mamba_g{index}", scan)
+        self.proj = nn.Linear(input_dim, output_dim)
+
+    def group_scans(self) -> list[SS2D]:
+        return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
+
+    def channel_affinity(self, x: torch.Tensor) -> torch.Tensor:
+        """Squeeze/excite gate from the mean token: ``(B, N, C)`` -> ``(B, 1, output_dim)``."""
+        pooled = x.mean(dim=1, keepdim=True)
+        return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if x.dtype == torch.float16:
+            x = x.float()  # as released: fp16 activations enter the mixer in float32
+        batch, tokens, channels = x.shape
+        x = self.norm(x)
+        gate = self.channel_affinity(x)
+        grid = x.view(batch, height, width, channels)
+        groups = grid.chunk(len(SCAN_DIRECTIONS), dim=-1)
+        mixed = torch.cat([scan(group) for scan, group in zip(self.group_scans(), groups)], dim=-1)
+        # the release's order of products; folding skip_scale into the gate first saves
+        # one full-size multiply but measurably loses float32 accuracy in skip_scale's gradient
+        mixed = mixed * self.skip_scale * grid * gate.unsqueeze(1)
+        return self.proj(self.norm(mixed.view(batch, tokens, channels)))
+
+
+class GroupMambaBlock(nn.Module):
+    """Pre-norm residual block: GroupMambaLayer (which norms its own input), then ConvMlp."""
+
+    def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0,
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, scan_backend: str = "auto"):
+        super().__init__()
+        self.norm2 = norm_layer(dim)
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(x, height, width))
+        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+
+
+class ClassBlock(nn.Module):
+    """Refines a pooled class token with a GroupMambaLayer (on a 1x1 grid) and an MLP.
+
+    The released block receives ``[class token, patch tokens]`` but only ever reads
+    and rewrites the class token, so this one takes and returns just that token,
+    ``(B, 1, C)``; the result is the same without concatenating the patch tokens.
+    """
+
+    def __init__(self, dim: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 scan_backend: str = "auto"):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.norm2 = norm_layer(dim)
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, cls_token: torch.Tensor) -> torch.Tensor:
+        cls_token = cls_token + self.norm1(self.attn(cls_token, 1, 1))
+        return cls_token + self.mlp(self.norm2(cls_token))
+
+
+def _to_tokens(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """``(B, C, H, W)`` -> ``(B, H*W, C)`` plus the grid size."""
+    height, width = x.shape[-2:]
+    return x.flatten(2).transpose(1, 2), height, width
+
+
+class Stem(nn.Module):
+    """Three conv-BN-ReLU layers (the first with stride 2), then a stride-2 conv to tokens."""
+
+    def __init__(self, in_chans: int, hidden_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(in_chans, hidden_dim, kernel_size=7, stride=2, padding=3, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(hidden_dim),
+            nn.ReLU(inplace=True),
+        )
+        self.proj = nn.Conv2d(hidden_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_dim)  # default eps in the release
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        tokens, height, width = _to_tokens(self.proj(self.conv(x)))
+        return self.norm(tokens), height, width
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv between stages, then LayerNorm on the tokens."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.LayerNorm(out_dim)  # default eps in the release
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        tokens, height, width = _to_tokens(self.proj(x))
+        return self.norm(tokens), height, width
+
+
+# --------------------------------------------------------------------------- model
+
+def _init_weights(module: nn.Module) -> None:
+    """The release's init, applied once over the whole model.
+
+    SS2D's own parameters (x_proj_weight, dt_projs_*, A_logs, Ds) are bare
+    Parameters, not Linear modules, so they keep the init SS2D gave them.
+    """
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        return  # nothing to initialise on the meta device (shape-only builds)
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0.0, (2.0 / fan_out) ** 0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _drop_path_rates(drop_path_rate: float, count: int) -> list[float]:
+    """Linearly increasing stochastic depth, 0 for the first block, ``drop_path_rate`` for the last."""
+    if count <= 1:
+        return [0.0] * count
+    return [drop_path_rate * index / (count - 1) for index in range(count)]
+
+
+class GroupMamba(nn.Module):
+    """GroupMamba classifier.
+
+    Args:
+        in_chans: input image channels.
+        num_classes: classes of ``head`` (and ``dist_head``); 0 gives identity heads.
+        stem_hidden_dim: width of the stem's convs.
+        embed_dims, mlp_ratios, depths: per stage; every embed dim divisible by 4.
+        drop_path_rate: stochastic depth of the last block (linear from 0).
+        norm_layer: norm of the blocks' FFN input, the stage outputs and the ClassBlock.
+        num_stages: number of stages (must match the per-stage lists).
+        distillation: add ``dist_head``; training returns ``(head, dist_head)``
+            logits, evaluation their mean.
+        drop_rate: dropout before the heads (0 as released; the release accepted and
+            ignored this argument).
+        scan_backend: selective-scan backend of every SS2D (``"auto"``, ``"torch"``,
+            ``"triton"``, ``"cuda"``); see also :meth:`set_scan_backend`.
+    """
+
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,
+                 embed_dims: Sequence[int] = (64, 128, 348, 448), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                 drop_path_rate: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 depths: Sequence[int] = (3, 4, 6, 3), num_stages: int = 4, distillation: bool = True,
+                 drop_rate: float = 0.0, scan_backend: str = "auto"):
+        super().__init__()
+        self._check_arguments(num_classes, embed_dims, mlp_ratios, depths, num_stages)
+        self.num_classes = num_classes
+        self.num_stages = num_stages
+        self.depths = list(depths)
+        self.embed_dims = list(embed_dims)
+        self.distillation = distillation
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+
+        rates = _drop_path_rates(drop_path_rate, sum(depths))
+        first_block = 0
+        for stage in range(num_stages):
+            if stage == 0:
+                patch_embed = Stem(in_chans, stem_hidden_dim, embed_dims[0])
+            else:
+                patch_embed = Downsample(embed_dims[stage - 1], embed_dims[stage])
+            blocks = nn.ModuleList([
+                GroupMambaBlock(embed_dims[stage], mlp_ratios[stage], drop_path=rates[first_block + index],
+                                norm_layer=norm_layer, scan_backend=scan_backend)
+                for index in range(depths[stage])])
+            first_block += depths[stage]
+            # official attribute names, so released state_dict keys match
+            self.add_module(f"patch_embed{stage + 1}", patch_embed)
+            self.add_module(f"block{stage + 1}", blocks)
+            self.add_module(f"norm{stage + 1}", norm_layer(embed_dims[stage]))
+
+        self.post_network = nn.ModuleList([
+            ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer=norm_layer, scan_backend=scan_backend)])
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._make_head(num_classes)
+        if distillation:
+            self.dist_head = self._make_head(num_classes)
+        self.apply(_init_weights)
+
+    @staticmethod
+    def _check_arguments(num_classes, embed_dims, mlp_ratios, depths, num_stages) -> None:
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        for name, values in (("embed_dims", embed_dims), ("mlp_ratios", mlp_ratios), ("depths", depths)):
+            if len(values) != num_stages:
+                raise ValueError(f"{name} needs one entry per stage ({num_stages}), got {list(values)}")
+        bad_dims = [dim for dim in embed_dims if dim % len(SCAN_DIRECTIONS)]
+        if bad_dims:
+            raise ValueError(f"every embed dim must be divisible by {len(SCAN_DIRECTIONS)} "
+                             f"(one channel group per scan direction), got {list(embed_dims)}")
+
+    def _make_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- timm model interface ------------------------------------------------------
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters to keep out of weight decay (the SSM's A_logs and Ds)."""
+        return {name for name, param in self.named_parameters() if getattr(param, "_no_weight_decay", False)}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        """Replace ``head`` (and ``dist_head``) with freshly initialised ones for ``num_classes``.
+
+        ``global_pool`` is accepted for timm compatibility; pooling is the ClassBlock's.
+        """
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        device = self.norm1.weight.device
+        for name in self._head_names():
+            head = self._make_head(num_classes).to(device)
+            head.apply(_init_weights)
+            setattr(self, name, head)
+
+    def _head_names(self) -> tuple[str, ...]:
+        return HEAD_NAMES if self.distillation else HEAD_NAMES[:1]
+
+    def set_scan_backend(self, backend: str) -> None:
+        """Switch the selective-scan backend of every SS2D in the model."""
+        for module in self.modules():
+            if isinstance(module, SS2D):
+                module.scan_backend = backend
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, in_chans, H, W)`` -> normed class-token features ``(B, num_features)``."""
+        for stage in range(1, self.num_stages + 1):
+            x, height, width = getattr(self, f"patch_embed{stage}")(x)
+            for block in getattr(self, f"block{stage}"):
+                x = block(x, height, width)
+            if stage < self.num_stages:
+                x = getattr(self, f"norm{stage}")(x)
+                # channels-last view back to a map; the next conv keeps that layout
+                x = x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
+        cls_token = x.mean(dim=1, keepdim=True)
+        for block in self.post_network:
+            cls_token = block(cls_token)
+        return getattr(self, f"norm{self.num_stages}")(cls_token[:, 0])
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        x = self.head_drop(x)
+        if pre_logits:
+            return x
+        if not self.distillation:
+            return self.head(x)
+        logits, dist_logits = self.head(x), self.dist_head(x)
+        if self.training:
+            return logits, dist_logits
+        return (logits + dist_logits) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_PREFIXES = ("module.", "_orig_mod.")
+# Which entry of a checkpoint dict holds the weights, in order of preference.
+# "model" before "model_ema": our own training checkpoints and the official
+# training snapshots keep the trained weights under "model"; the EMA copy is a
+# fallback for files that only carry it. Official release files are bare state
+# dicts (they are loaded as such by the official eval script).
+_WRAPPER_KEYS = ("model", "model_ema", "state_dict")
+
+
+@dataclass
+class LoadInfo:
+    """What :func:`checkpoint_filter_fn` / :func:`load_pretrained` did."""
+    source: str = "state_dict"  # "model", "model_ema", "state_dict" entry, or the bare dict
+    stripped_prefixes: list[str] = field(default_factory=list)
+    reinitialized: list[str] = field(default_factory=list)  # head keys whose class count differed
+    dropped: list[str] = field(default_factory=list)  # dist_head keys the model has no use for
+    missing: list[str] = field(default_factory=list)  # only with strict=False
+    unexpected: list[str] = field(default_factory=list)  # only with strict=False
+    metadata: dict = field(default_factory=dict, repr=False)  # other entries of a training checkpoint
+
+    def __str__(self) -> str:
+        parts = [f"weights from {'the bare state dict' if self.source == 'bare' else repr(self.source)}"]
+        if self.stripped_prefixes:
+            parts.append(f"stripped {', '.join(map(repr, self.stripped_prefixes))}")
+        if self.reinitialized:
+            heads = sorted({key.split('.')[0] for key in self.reinitialized})
+            parts.append(f"re-initialised {', '.join(heads)} (class count differs)")
+        if self.dropped:
+            parts.append("dropped dist_head (model has none)")
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing keys")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected keys")
+        return "; ".join(parts)
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _unwrap(checkpoint: Mapping, info: LoadInfo) -> Mapping:
+    if _is_state_dict(checkpoint):
+        info.source = "bare"
+        return checkpoint
+    for key in _WRAPPER_KEYS:
+        if key in checkpoint and _is_state_dict(checkpoint[key]):
+            info.source = key
+            info.metadata = {k: v for k, v in checkpoint.items() if not _is_state_dict(v)}
+            return checkpoint[key]
+    raise ValueError("checkpoint holds no state dict: expected a dict of tensors or one under "
+                     f"{', '.join(map(repr, _WRAPPER_KEYS))}; top-level keys: {_format_keys(list(checkpoint))}")
+
+
+def _strip_prefixes(state_dict: Mapping, info: LoadInfo) -> dict:
+    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` (in any nesting) from every key."""
+    stripped = {}
+    seen = set()
+    for key, value in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key = key[len(prefix):]
+                    seen.add(prefix)
+                    changed = True
+        stripped[key] = value
+    info.stripped_prefixes = sorted(seen)
+    return stripped
+
+
+def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
+    keys = list(keys)
+    shown = ", ".join(keys[:limit])
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"[{shown}{more}]"
+
+
+def _adapt_heads(state_dict: dict, model: GroupMamba, target: Mapping, info: LoadInfo) -> None:
+    """Fit head/dist_head entries to the model: fresh head on a class-count change, drop an unused dist_head."""
+    has_dist_head = getattr(model, "distillation", True)
+    checkpoint_classes = None
+    for key in [k for k in state_dict if k.split(".")[0] in HEAD_NAMES]:
+        if key.startswith("dist_head.") and not has_dist_head:
+            del state_dict[key]
+            info.dropped.append(key)
+        elif key in target and state_dict[key].shape != target[key].shape:
+            checkpoint_classes = state_dict[key].shape[0] if state_dict[key].dim() else None
+            state_dict[key] = target[key].detach().clone()
+            info.reinitialized.append(key)
+    if info.reinitialized:
+        heads = "/".join(sorted({key.split(".")[0] for key in info.reinitialized}))
+        _logger.warning("checkpoint heads have a different class count (%s in the checkpoint, %d in the model); "
+                        "keeping the model's freshly initialised %s: %s", checkpoint_classes,
+                        model.num_classes, heads, ", ".join(info.reinitialized))
+    if info.dropped:
+        _logger.warning("model has no dist_head (distillation=False); dropped from the checkpoint: %s",
+                        ", ".join(info.dropped))
+
+
+def _check_compatible(state_dict: Mapping, target: Mapping, info: LoadInfo, strict: bool) -> None:
+    missing = [k for k in target if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in target]
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
+                  for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
+    problems = []
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches {_format_keys(mismatched)}")
+    if strict and missing:
+        problems.append(f"{len(missing)} missing keys {_format_keys(missing)}")
+    if strict and unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys {_format_keys(unexpected)}")
+    if problems:
+        hint = ""
+        if len(missing) == len(target):
+            hint = " None of the checkpoint's keys belong to this model: is it a GroupMamba checkpoint?"
+        elif mismatched or (missing and unexpected):
+            hint = " Is the checkpoint for a different GroupMamba variant?"
+        raise ValueError("checkpoint does not fit this model: " + "; ".join(problems) + "." + hint)
+    info.missing, info.unexpected = missing, unexpected
+
+
+def _filter(checkpoint: Mapping, model: nn.Module, strict: bool = True) -> tuple[dict, LoadInfo]:
+    info = LoadInfo()
+    state_dict = _strip_prefixes(_unwrap(checkpoint, info), info)
+    target = model.state_dict()
+    _adapt_heads(state_dict, model, target, info)
+    _check_compatible(state_dict, target, info, strict)
+    return state_dict, info
+
+
+def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:
+    """Make an outside checkpoint loadable into ``model`` with ``load_state_dict(strict=True)``.
+
+    Accepts an official release file or training snapshot, a bare state dict, or
+    one of our training checkpoints (``{"model": state_dict, "args": ..., ...}``).
+    Unwraps ``model`` (preferred), else ``model_ema``, else ``state_dict``; strips
+    ``module.`` and ``_orig_mod.``; when the class count differs, keeps the model's
+    freshly initialised ``head``/``dist_head`` (logged); drops ``dist_head`` for a
+    model built with ``distillation=False`` (logged). Anything else that does not
+    fit raises a ``ValueError`` listing the keys. Also the timm ``pretrained_filter_fn``.
+    """
+    return _filter(state_dict, model)[0]
+
+
+def _torch_load(path: Union[str, os.PathLike]):
+    import argparse
+    safe = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if safe is None:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace is plain data; training scripts often save their args
+        with safe([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
+            raise
+        raise RuntimeError(f"could not load {os.fspath(path)!r} with torch.load(weights_only=True): {exc}. "
+                           "Only tensors and plain Python data are loaded; if you trust the file, re-save its "
+                           "state dict: torch.save(torch.load(path, weights_only=False)['model'], new_path)") from exc
+
+
+def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
+                    strict: bool = True) -> LoadInfo:
+    """Load outside weights into ``model`` through :func:`checkpoint_filter_fn`.
+
+    ``checkpoint`` is a path (read on the CPU with ``weights_only=True``) or an
+    already loaded dict. With ``strict=False`` missing and unexpected keys are
+    reported in the returned :class:`LoadInfo` instead of raising; shape
+    mismatches outside the heads always raise.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = _torch_load(checkpoint)
+    state_dict, info = _filter(checkpoint, model, strict=strict)
+    model.load_state_dict(state_dict, strict=strict)
+    return info
+
+
+# --------------------------------------------------------------------------- configs
+
+def _cfg(**kwargs) -> dict:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "patch_embed1.conv.0",
+        "classifier": HEAD_NAMES,
+        "origin_url": "https://github.com/Amshaker/GroupMamba",
+        "paper_ids": "arXiv:2407.13772",
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    "groupmamba_tiny": _cfg(),
+    "groupmamba_small": _cfg(),
+    "groupmamba_base": _cfg(),
+})
+
+
+def _create_groupmamba(variant: str, pretrained: bool = False, **kwargs) -> GroupMamba:
+    # pretrained weights come from a file: pretrained_cfg_overlay=dict(file=path)
+    return build_model_with_cfg(GroupMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                **kwargs)
+
+
+_RELEASED_NORM = partial(nn.LayerNorm, eps=1e-6)
+
+
+# --------------------------------------------------------------------------- variants
+
+@register_model
+def groupmamba_tiny(pretrained: bool = False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=32, embed_dims=[64, 128, 348, 448], mlp_ratios=[8, 8, 4, 4],
+                      depths=[3, 4, 9, 3], norm_layer=_RELEASED_NORM)
+    return _create_groupmamba("groupmamba_tiny", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def groupmamba_small(pretrained: bool = False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=64, embed_dims=[64, 128, 348, 512], mlp_ratios=[8, 8, 4, 4],
+                      depths=[3, 4, 16, 3], norm_layer=_RELEASED_NORM)
+    return _create_groupmamba("groupmamba_small", pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def groupmamba_base(pretrained: bool = False, **kwargs) -> GroupMamba:
+    model_args = dict(stem_hidden_dim=64, embed_dims=[96, 192, 424, 512], mlp_ratios=[8, 8, 4, 4],
+                      depths=[3, 6, 21, 3], norm_layer=_RELEASED_NORM)
+    return _create_groupmamba("groupmamba_base", pretrained, **dict(model_args, **kwargs))

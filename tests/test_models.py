@@ -1,0 +1,379 @@
+"""GroupMamba model: official keys/shapes/counts, reference numerics, timm API, checkpoint loading.
+
+CPU only; images are kept small (32-96 px) because the reference scan runs on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import models
+from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, to_sequence
+from models.csms6s import SCAN_DIRECTIONS
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+SHAPES_FILE = REFERENCE_DIR / "official_state_dict_shapes.json"
+NUMERICS_FILE = REFERENCE_DIR / "official_small_config_reference.pt"
+
+VARIANTS = ("groupmamba_tiny", "groupmamba_small", "groupmamba_base")
+PARAM_COUNTS = {"groupmamba_tiny": 23_361_917, "groupmamba_small": 34_781_555, "groupmamba_base": 57_150_838}
+
+# a model small enough to build and run in well under a second
+SMALL_CONFIG = dict(stem_hidden_dim=16, embed_dims=[32, 64, 92, 128], mlp_ratios=[2, 2, 2, 2], depths=[1, 1, 2, 1])
+LAYER_NORM_1E6 = functools.partial(nn.LayerNorm, eps=1e-6)
+
+
+def small_model(**kwargs) -> GroupMamba:
+    kwargs = {"num_classes": 1000, "norm_layer": LAYER_NORM_1E6, **SMALL_CONFIG, **kwargs}
+    return GroupMamba(**kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(name: str) -> nn.Module:
+    """A released variant as released (1000 classes, distillation), shapes only: no memory, no init."""
+    with torch.device("meta"):
+        return timm.create_model(name, num_classes=1000, distillation=True)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def randomize(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=generator))
+
+
+def assert_same_weights(a: dict, b: dict, skip_prefixes=()) -> None:
+    for key, value in a.items():
+        if not key.startswith(skip_prefixes):
+            assert torch.equal(value, b[key]), key
+
+
+# ----------------------------------------------------------------- structure vs the release
+
+@pytest.fixture(scope="module")
+def official_shapes() -> dict:
+    if not SHAPES_FILE.exists():
+        pytest.skip(f"official shapes not available: {SHAPES_FILE} is missing")
+    return json.loads(SHAPES_FILE.read_text())
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_matches_release(name, official_shapes):
+    model = meta_model(name)
+    ours = {key: list(value.shape) for key, value in model.state_dict().items()}
+    expected = official_shapes[name]
+    assert sorted(set(expected) - set(ours)) == [], "keys missing from our model"
+    assert sorted(set(ours) - set(expected)) == [], "keys the release does not have"
+    assert ours == expected
+    assert list(ours) == list(expected), "same keys, different order"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_parameter_count(name):
+    model = meta_model(name)
+    assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
+
+
+# ----------------------------------------------------------------- numerics vs the release
+
+@pytest.fixture(scope="module")
+def reference():
+    if not NUMERICS_FILE.exists():
+        pytest.skip(f"official reference outputs not available: {NUMERICS_FILE} is missing")
+    return torch.load(NUMERICS_FILE, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference):
+    """Our model with the reference weights: eval logits, train logits, gradients."""
+    model = GroupMamba(**reference["config"], norm_layer=functools.partial(nn.LayerNorm, eps=reference["norm_eps"]))
+    model.load_state_dict(reference["state_dict"], strict=True)
+    images = reference["input"]
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(images)
+    model.train()
+    head, dist_head = model(images)
+    (head.sum() + dist_head.sum()).backward()
+    grads = {name: param.grad for name, param in model.named_parameters()}
+    return dict(eval_logits=eval_logits, train_head=head.detach(), train_dist_head=dist_head.detach(), grads=grads)
+
+
+TOLERANCE = 1e-4
+
+
+@pytest.mark.parametrize("output", ["eval_logits", "train_head", "train_dist_head"])
+def test_logits_match_release(reference, reference_run, output):
+    assert reference_run[output].shape == reference[output].shape
+    assert rel_error(reference_run[output], reference[output]) < TOLERANCE
+
+
+def test_every_gradient_matches_release(reference, reference_run):
+    ours, expected = reference_run["grads"], reference["grads"]
+    assert sorted(ours) == sorted(expected)
+    failures = []
+    for name, grad in expected.items():
+        mine = ours[name]
+        if mine is None:
+            failures.append(f"{name}: no gradient")
+        elif grad.norm() == 0:
+            if mine.abs().max() > 1e-6:
+                failures.append(f"{name}: expected zero, max |grad| {mine.abs().max():.3g}")
+        elif rel_error(mine, grad) >= TOLERANCE:
+            failures.append(f"{name}: relative error {rel_error(mine, grad):.3g}")
+    assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------- scan orders
+
+@pytest.mark.parametrize("direction", SCAN_DIRECTIONS)
+def test_scan_order_round_trip_on_non_square_map(direction):
+    x = torch.arange(2 * 3 * 4 * 5, dtype=torch.float32).view(2, 3, 4, 5)
+    sequence = to_sequence(x, direction)
+    assert sequence.shape == (2, 3, 20)
+    assert torch.equal(from_sequence(sequence, direction, 4, 5), x)
+
+
+def test_scan_orders_read_the_map_as_documented():
+    x = torch.arange(6.0).view(1, 1, 2, 3)  # [[0, 1, 2], [3, 4, 5]]
+    read = {direction: to_sequence(x, direction).flatten().tolist() for direction in SCAN_DIRECTIONS}
+    assert read == {
+        "row": [0, 1, 2, 3, 4, 5],
+        "col": [0, 3, 1, 4, 2, 5],
+        "row_reversed": [5, 4, 3, 2, 1, 0],
+        "col_reversed": [5, 2, 4, 1, 3, 0],
+    }
+
+
+def test_unknown_scan_direction_is_a_value_error():
+    with pytest.raises(ValueError, match="scan direction"):
+        models.SS2D(8, direction="diagonal")
+
+
+def test_non_square_input_runs_forward_and_backward():
+    model = small_model(num_classes=5).train()
+    head, dist_head = model(torch.randn(2, 3, 64, 96))
+    (head.sum() + dist_head.sum()).backward()
+    assert head.shape == dist_head.shape == (2, 5)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------- timm API
+
+@pytest.fixture(scope="module")
+def tiny12():
+    torch.manual_seed(0)
+    return timm.create_model("groupmamba_tiny", num_classes=12)
+
+
+def test_variants_are_registered_with_timm():
+    assert set(VARIANTS) <= set(timm.list_models("groupmamba_*"))
+    assert set(models.list_models()) >= set(VARIANTS)
+
+
+def test_timm_create_model_with_12_classes(tiny12):
+    assert isinstance(tiny12, GroupMamba)
+    assert tiny12.num_classes == 12
+    assert tiny12.head.out_features == tiny12.dist_head.out_features == 12
+    cfg = tiny12.pretrained_cfg
+    assert cfg is tiny12.default_cfg
+    assert cfg["architecture"] == "groupmamba_tiny" and cfg["input_size"] == (3, 224, 224)
+    assert tuple(cfg["classifier"]) == ("head", "dist_head")
+
+
+def test_forward_shapes(tiny12):
+    images = torch.randn(2, 3, 32, 32)
+    tiny12.eval()
+    with torch.inference_mode():
+        features = tiny12.forward_features(images)
+        assert features.shape == (2, tiny12.num_features) == (2, 448)
+        assert tiny12.forward_head(features, pre_logits=True).shape == (2, 448)
+        logits = tiny12(images)
+    assert logits.shape == (2, 12)
+    tiny12.train()
+    with torch.no_grad():
+        head, dist_head = tiny12(images)
+    assert head.shape == dist_head.shape == (2, 12)
+
+
+def test_eval_output_is_mean_of_both_heads():
+    model = small_model(num_classes=7).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        features = model.forward_features(images)
+        expected = (model.head(features) + model.dist_head(features)) / 2
+        assert torch.allclose(model(images), expected, atol=1e-6)
+
+
+def test_models_create_model_wrapper():
+    with torch.device("meta"):
+        model = models.create_model("groupmamba_tiny", num_classes=3, distillation=False, drop_path_rate=0.1,
+                                    scan_backend="torch")
+    assert model.num_classes == 3 and not hasattr(model, "dist_head")
+    assert all(m.scan_backend == "torch" for m in model.modules() if isinstance(m, models.SS2D))
+
+
+def test_without_distillation_there_is_one_head():
+    model = small_model(num_classes=4, distillation=False)
+    assert not hasattr(model, "dist_head")
+    assert "dist_head.weight" not in model.state_dict()
+    images = torch.randn(2, 3, 32, 32)
+    assert model.train()(images).shape == (2, 4)
+    with torch.no_grad():
+        assert model.eval()(images).shape == (2, 4)
+
+
+def test_reset_classifier():
+    model = small_model(num_classes=1000)
+    model.reset_classifier(5)
+    assert model.num_classes == 5
+    assert model.head.out_features == model.dist_head.out_features == 5
+    assert torch.count_nonzero(model.head.bias) == 0  # freshly initialised
+    with torch.no_grad():
+        assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+    model.reset_classifier(0)
+    assert isinstance(model.head, nn.Identity)
+    with pytest.raises(ValueError):
+        model.reset_classifier(-1)
+
+
+def test_bad_arguments_are_value_errors():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        GroupMamba(embed_dims=[30, 64, 92, 128], **{k: v for k, v in SMALL_CONFIG.items() if k != "embed_dims"})
+    with pytest.raises(ValueError, match="one entry per stage"):
+        GroupMamba(**{**SMALL_CONFIG, "depths": [1, 1, 1]})
+
+
+def test_no_weight_decay_lists_ssm_parameters():
+    names = small_model().no_weight_decay()
+    assert "block1.0.attn.mamba_g1.A_logs" in names and "block1.0.attn.mamba_g4.Ds" in names
+    assert all(name.endswith(("A_logs", "Ds")) for name in names)
+
+
+# ----------------------------------------------------------------- loading outside weights
+
+@pytest.fixture(scope="module")
+def source_1000():
+    """A 1000-class small-config model with every weight randomised (so heads are distinguishable)."""
+    model = small_model(num_classes=1000)
+    randomize(model, seed=1)
+    return model.state_dict()
+
+
+def test_1000_class_checkpoint_into_12_class_model(tmp_path, source_1000, caplog):
+    path = tmp_path / "release.pth"
+    torch.save(source_1000, path)
+    model = small_model(num_classes=12)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="models.groupmamba"):
+        info = load_pretrained(model, path)
+    assert "different class count" in caplog.text and "head" in caplog.text
+    assert sorted(info.reinitialized) == ["dist_head.bias", "dist_head.weight", "head.bias", "head.weight"]
+    assert "re-initialised dist_head, head" in str(info)
+    loaded = model.state_dict()
+    assert_same_weights(source_1000, loaded, skip_prefixes=("head.", "dist_head."))
+    for key in info.reinitialized:
+        assert torch.equal(loaded[key], fresh[key])  # the model's own fresh head is kept
+
+
+def test_same_class_count_loads_everything(source_1000):
+    model = small_model(num_classes=1000)
+    info = load_pretrained(model, source_1000)
+    assert info.reinitialized == [] and info.source == "bare"
+    assert_same_weights(source_1000, model.state_dict())
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_prefixes_are_stripped(tmp_path, source_1000, prefix):
+    path = tmp_path / "prefixed.pth"
+    torch.save({prefix + key: value for key, value in source_1000.items()}, path)
+    model = small_model(num_classes=1000)
+    info = load_pretrained(model, path)
+    assert set(info.stripped_prefixes) == set(p + "." for p in prefix.split(".") if p)
+    assert_same_weights(source_1000, model.state_dict())
+
+
+def test_our_training_checkpoint(tmp_path, source_1000):
+    path = tmp_path / "best.pth"
+    checkpoint = {"model": source_1000, "epoch": 3, "class_names": ["a", "b"],
+                  "args": {"lr": 0.1}, "namespace": argparse.Namespace(lr=0.1)}
+    torch.save(checkpoint, path)
+    model = small_model(num_classes=1000)
+    info = load_pretrained(model, path)
+    assert info.source == "model" and info.metadata["class_names"] == ["a", "b"]
+    assert_same_weights(source_1000, model.state_dict())
+
+
+def test_model_is_preferred_over_model_ema(source_1000):
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in source_1000.items()}
+    model = small_model(num_classes=1000)
+    assert load_pretrained(model, {"model": source_1000, "model_ema": ema}).source == "model"
+    assert_same_weights(source_1000, model.state_dict())
+    assert load_pretrained(model, {"model_ema": ema, "optimizer": {}}).source == "model_ema"
+    assert_same_weights(ema, model.state_dict())
+
+
+def test_dist_head_is_dropped_for_a_model_without_one(source_1000, caplog):
+    model = small_model(num_classes=1000, distillation=False)
+    with caplog.at_level(logging.WARNING, logger="models.groupmamba"):
+        info = load_pretrained(model, source_1000)
+    assert sorted(info.dropped) == ["dist_head.bias", "dist_head.weight"]
+    assert "dist_head" in caplog.text
+    assert_same_weights(model.state_dict(), source_1000)
+
+
+def test_checkpoint_filter_fn_is_timm_compatible(source_1000):
+    model = small_model(num_classes=12)
+    filtered = checkpoint_filter_fn({"model": {"module." + k: v for k, v in source_1000.items()}}, model)
+    model.load_state_dict(filtered, strict=True)
+
+
+def test_resnet_checkpoint_is_rejected_with_keys_listed():
+    torchvision = pytest.importorskip("torchvision")
+    resnet = torchvision.models.resnet18().state_dict()
+    model = small_model(num_classes=1000)
+    with pytest.raises(ValueError) as error:
+        load_pretrained(model, resnet)
+    message = str(error.value)
+    assert "missing keys" in message and "unexpected keys" in message
+    assert "layer1.0.conv1.weight" in message and "patch_embed1.conv.0.weight" in message
+    assert "GroupMamba checkpoint" in message
+
+
+def test_other_variant_is_rejected_with_keys_listed():
+    small, tiny = meta_model("groupmamba_small"), meta_model("groupmamba_tiny")
+    with pytest.raises(ValueError) as error:
+        checkpoint_filter_fn(small.state_dict(), tiny)
+    message = str(error.value)
+    assert "shape mismatches" in message and "patch_embed1.conv.0.weight" in message
+    assert "unexpected keys" in message and "block3.9." in message
+    assert "different GroupMamba variant" in message
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"model": {}, "obj": functools.partial(print)}, path)
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        load_pretrained(small_model(), path)
+
+
+def test_strict_false_reports_missing_keys(source_1000):
+    partial_state = {k: v for k, v in source_1000.items() if not k.startswith("post_network.")}
+    model = small_model(num_classes=1000)
+    with pytest.raises(ValueError, match="missing keys"):
+        load_pretrained(model, partial_state)
+    info = load_pretrained(model, partial_state, strict=False)
+    assert info.missing and all(key.startswith("post_network.") for key in info.missing)
