@@ -272,3 +272,16 @@ def test_auto_on_cpu_is_reference_without_warning(monkeypatch):
         assert resolve_backend("auto", args[0].device) == "torch"
         y = selective_scan_fn(*args, delta_softplus=True)
     torch.testing.assert_close(y, selective_scan_ref(*args, True), rtol=0, atol=0)
+
+
+def test_auto_on_cpu_works_in_a_fresh_process():
+    """``auto`` must load the reference itself, not rely on an earlier import of it."""
+    import subprocess
+    import sys
+    code = ("import torch; from kernels.selective_scan import selective_scan_fn as f; "
+            "u = torch.randn(1, 2, 5); y = f(u, u.abs(), -torch.ones(2, 1), torch.randn(1, 1, 1, 5), "
+            "torch.randn(1, 1, 1, 5)); print(tuple(y.shape))")
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 2, 5)"
