@@ -18,10 +18,7 @@ import torch.nn as nn
 import models
 from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, to_sequence
 from models.csms6s import SCAN_DIRECTIONS
-
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
-SHAPES_FILE = REFERENCE_DIR / "official_state_dict_shapes.json"
-NUMERICS_FILE = REFERENCE_DIR / "official_small_config_reference.pt"
+from reference_data import NUMERICS_FILE, SHAPES_FILE, TOLERANCE, gradient_mismatches, rel_error, run_reference
 
 VARIANTS = ("groupmamba_tiny", "groupmamba_small", "groupmamba_base")
 PARAM_COUNTS = {"groupmamba_tiny": 23_361_917, "groupmamba_small": 34_781_555, "groupmamba_base": 57_150_838}
@@ -41,10 +38,6 @@ def meta_model(name: str) -> nn.Module:
     """A released variant as released (1000 classes, distillation), shapes only: no memory, no init."""
     with torch.device("meta"):
         return timm.create_model(name, num_classes=1000, distillation=True)
-
-
-def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def randomize(model: nn.Module, seed: int) -> None:
@@ -98,21 +91,7 @@ def reference():
 
 @pytest.fixture(scope="module")
 def reference_run(reference):
-    """Our model with the reference weights: eval logits, train logits, gradients."""
-    model = GroupMamba(**reference["config"], norm_layer=functools.partial(nn.LayerNorm, eps=reference["norm_eps"]))
-    model.load_state_dict(reference["state_dict"], strict=True)
-    images = reference["input"]
-    model.eval()
-    with torch.no_grad():
-        eval_logits = model(images)
-    model.train()
-    head, dist_head = model(images)
-    (head.sum() + dist_head.sum()).backward()
-    grads = {name: param.grad for name, param in model.named_parameters()}
-    return dict(eval_logits=eval_logits, train_head=head.detach(), train_dist_head=dist_head.detach(), grads=grads)
-
-
-TOLERANCE = 1e-4
+    return run_reference(reference, "cpu", "torch")
 
 
 @pytest.mark.parametrize("output", ["eval_logits", "train_head", "train_dist_head"])
@@ -122,18 +101,7 @@ def test_logits_match_release(reference, reference_run, output):
 
 
 def test_every_gradient_matches_release(reference, reference_run):
-    ours, expected = reference_run["grads"], reference["grads"]
-    assert sorted(ours) == sorted(expected)
-    failures = []
-    for name, grad in expected.items():
-        mine = ours[name]
-        if mine is None:
-            failures.append(f"{name}: no gradient")
-        elif grad.norm() == 0:
-            if mine.abs().max() > 1e-6:
-                failures.append(f"{name}: expected zero, max |grad| {mine.abs().max():.3g}")
-        elif rel_error(mine, grad) >= TOLERANCE:
-            failures.append(f"{name}: relative error {rel_error(mine, grad):.3g}")
+    failures = gradient_mismatches(reference_run["grads"], reference["grads"])
     assert not failures, "\n".join(failures)
 
 
