@@ -1,0 +1,229 @@
+"""Predict the classes of images with a checkpoint written by train.py.
+
+    python test.py --checkpoint runs/<time>/best.pth --images data/val
+    python test.py --checkpoint best.pth --images photo.jpg
+    python test.py --checkpoint best.pth --images "new/**/*.png" --output new.csv
+
+Everything about the model comes from the checkpoint: the timm model name and its
+arguments, the class names, the mean/std and the image size. --images is one image, a
+folder (searched recursively) or a glob pattern (quote it; ``**`` allowed).
+
+Writes --output (default predictions.csv), one row per image::
+
+    file, [label, correct,] predicted, confidence, class_1, prob_1, ..., class_5, prob_5, error
+
+(top-k with k = min(--topk, number of classes); ``error`` names the problem for an
+image that cannot be read: such images are listed, not fatal, and have no prediction).
+
+When --images is a folder laid out as ``<folder>/<class name>/...`` with the
+checkpoint's class names (e.g. data/val), the true label is known: ACC1/ACC5 are
+printed and, beside the CSV, ``<name>_report.txt``/``<name>_report.json`` (per-class
+precision, recall, F1; scikit-learn) and ``<name>_confusion_matrix.png`` are written,
+where ``<name>`` is the CSV's name without ``.csv``.
+
+Existing output files are not overwritten unless --force is given.
+
+Weights: by default the ones that scored best during training (best.pth records
+whether the raw or the EMA weights won); --ema forces the EMA weights, --weights model
+the raw ones. Exit codes: 0 done, 1 no image could be read, 2 bad arguments or
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from utils.amp import AMP_MODES, Precision
+from utils.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
+from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
+from utils.distributed import resolve_device
+from utils.engine import predict_batches
+from utils.metrics import classification_report_files, write_csv
+from utils.modeling import SCAN_BACKENDS, create_model, load_for_inference, set_scan_backend
+from utils.plots import plot_confusion_matrix
+from utils.transforms import eval_transform
+
+log = logging.getLogger("test")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Predict image classes with a train.py checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("input")
+    g.add_argument("--checkpoint", required=True, default=argparse.SUPPRESS,
+                   help="best.pth or last.pth from train.py")
+    g.add_argument("--images", required=True, default=argparse.SUPPRESS,
+                   help="an image, a folder (recursive) or a glob pattern")
+    g.add_argument("--weights", choices=("auto", "model", "ema"), default="auto",
+                   help="auto: the weights that were best in training (raw or EMA)")
+    g.add_argument("--ema", dest="weights", action="store_const", const="ema",
+                   default=argparse.SUPPRESS, help="same as --weights ema")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default="predictions.csv", help="CSV file to write")
+    g.add_argument("--force", action="store_true", help="overwrite existing output files")
+    g.add_argument("--topk", type=int, default=5, help="classes listed per image")
+    g = p.add_argument_group("running")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA when available")
+    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="image-decoding processes")
+    g.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="auto: bf16 on a GPU that supports it, else off")
+    g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
+                   help="GroupMamba selective-scan implementation")
+    return p
+
+
+def check_checkpoint(ckpt: dict, path: str) -> None:
+    """The metadata must describe a model we can rebuild."""
+    names = ckpt["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: class_names is not a list of names")
+    kwargs = ckpt["model_kwargs"]
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: model_kwargs is not a dict")
+    if kwargs.get("num_classes", len(names)) != len(names):
+        raise CheckpointError(f"{path}: {len(names)} class names but the model has "
+                              f"num_classes={kwargs.get('num_classes')}")
+    if len(ckpt["mean"]) != 3 or len(ckpt["std"]) != 3 or int(ckpt["img_size"]) < 1:
+        raise CheckpointError(f"{path}: mean/std need 3 values and img_size must be positive")
+
+
+def choose_weights(ckpt: dict, mode: str, path: str) -> tuple[dict, str]:
+    ema = ckpt.get("model_ema")
+    if mode == "ema":
+        if not ema:
+            raise CheckpointError(f"{path} has no EMA weights (trained with --ema-decay 0)")
+        return ema, "EMA"
+    if mode == "auto" and ckpt.get("best_source") == "ema" and ema:
+        return ema, "EMA"
+    return ckpt["model"], "raw"
+
+
+def side_files(csv_path: Path) -> dict[str, Path]:
+    stem = csv_path.name[:-4] if csv_path.name.lower().endswith(".csv") else csv_path.name
+    return {"report_txt": csv_path.with_name(stem + "_report.txt"),
+            "report_json": csv_path.with_name(stem + "_report.json"),
+            "confusion": csv_path.with_name(stem + "_confusion_matrix.png")}
+
+
+def run(args) -> int:
+    if args.batch_size < 1 or args.topk < 1 or args.workers < 0:
+        raise ValueError("--batch-size and --topk must be >= 1, --workers >= 0")
+    ckpt = load_checkpoint(args.checkpoint, INFERENCE_KEYS, "prediction")
+    check_checkpoint(ckpt, args.checkpoint)
+    state, which = choose_weights(ckpt, args.weights, args.checkpoint)
+    names, img_size = ckpt["class_names"], int(ckpt["img_size"])
+
+    out = Path(args.output)
+    extra = side_files(out)
+    existing = [str(p) for p in [out, *extra.values()] if p.exists()]
+    if existing and not args.force:
+        raise ValueError(f"{', '.join(existing)} already exist(s); pass --force to "
+                         "overwrite or choose another --output")
+    if out.parent and not out.parent.exists():
+        out.parent.mkdir(parents=True)
+
+    files, folder = collect_images(args.images)
+    labels = labels_from_folder(files, folder, names)
+
+    set_scan_backend(args.scan_backend)
+    device = resolve_device(args.device)
+    model = create_model(ckpt["model_name"], ckpt["model_kwargs"], args.scan_backend)
+    load_for_inference(model, state, args.checkpoint)
+    model.to(device).eval()
+    precision = Precision(args.amp, device)
+    log.info("%s: %s (%s weights, %d classes, %d px) on %s; %d image(s)%s",
+             args.checkpoint, ckpt["model_name"], which, len(names), img_size, device,
+             len(files), f", labelled by folder ({folder})" if labels else "")
+
+    dataset = PredictDataset(files, eval_transform(img_size, ckpt["mean"], ckpt["std"]),
+                             img_size)
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    k = min(args.topk, len(names))
+    rows, y_true, y_pred, top_k_hits, bad = [], [], [], 0, []
+    for probs, (indices, errors) in predict_batches(model, loader, precision, device):
+        top_p, top_i = probs.topk(k, dim=1)
+        for j, (i, err) in enumerate(zip(indices.tolist(), errors)):
+            row = {"file": dataset.files[i], "error": err}
+            if labels is not None:
+                row["label"] = names[labels[i]]
+            if err:
+                bad.append((dataset.files[i], err))
+                rows.append(row)
+                continue
+            pred = int(top_i[j, 0])
+            row.update(predicted=names[pred], confidence=f"{float(top_p[j, 0]):.6f}")
+            for r in range(k):
+                row[f"class_{r + 1}"] = names[int(top_i[j, r])]
+                row[f"prob_{r + 1}"] = f"{float(top_p[j, r]):.6f}"
+            if labels is not None:
+                row["correct"] = int(pred == labels[i])
+                y_true.append(labels[i])
+                y_pred.append(pred)
+                top_k_hits += int(labels[i] in top_i[j].tolist())
+            rows.append(row)
+
+    fields = ["file"] + (["label", "correct"] if labels is not None else []) + \
+        ["predicted", "confidence"] + \
+        [f for r in range(1, k + 1) for f in (f"class_{r}", f"prob_{r}")] + ["error"]
+    write_csv(out, fields, rows)
+    log.info("wrote %d predictions to %s", len(rows) - len(bad), out)
+    if bad:
+        log.warning("%d image(s) could not be read (rows with an 'error' in %s):", len(bad), out)
+        for path, err in bad[:20]:
+            log.warning("  %s", err or path)
+        if len(bad) > 20:
+            log.warning("  ... and %d more", len(bad) - 20)
+    if labels is not None and y_true:
+        acc1 = 100.0 * sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
+        acck = 100.0 * top_k_hits / len(y_true)
+        header = (f"{args.checkpoint} ({ckpt['model_name']}, {which} weights) on "
+                  f"{len(y_true)} images of {folder}: ACC1 {acc1:.2f} %, ACC{k} {acck:.2f} %")
+        summary = classification_report_files(y_true, y_pred, names, extra["report_txt"],
+                                              extra["report_json"], header)
+        plot_confusion_matrix(summary["confusion_matrix"], names, extra["confusion"],
+                              title=f"{folder}: ACC1 {acc1:.2f} %")
+        log.info("ACC1 %.2f %%  ACC%d %.2f %%  (%d images); report: %s, %s", acc1, k, acck,
+                 len(y_true), extra["report_txt"], extra["confusion"])
+    elif folder is not None and labels is None:
+        log.info("(no accuracy: %s is not laid out as <folder>/<class name>/... with the "
+                 "checkpoint's class names)", folder)
+    return 1 if len(bad) == len(rows) else 0
+
+
+def main(argv=None) -> None:
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    args = build_parser().parse_args(argv)
+    try:
+        code = run(args)
+    except (CheckpointError, DatasetError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except SystemExit as exc:  # e.g. --device cuda without a GPU
+        if not isinstance(exc.code, str):
+            raise
+        print(exc.code, file=sys.stderr)
+        code = 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; lower --batch-size", file=sys.stderr)
+        code = 2
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

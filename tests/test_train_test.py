@@ -1,0 +1,450 @@
+"""train.py and test.py end to end, on CPU, with tiny images.
+
+The scripts run as subprocesses (``sys.executable``, cwd = the repository root), as a
+user would run them. The small data set is a few images per class copied from
+``data1`` (or drawn here when data1 is absent). Most runs use timm's ``test_vit`` (a
+0.3 M-parameter ViT) to stay fast; one end-to-end run uses groupmamba_tiny and is
+skipped when the ``models`` package cannot build and train it.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DATA1 = REPO / "data1"
+# --stats names a file that does not exist, so runs do not depend on the checkout's
+# stats.json (ImageNet's mean/std are used, with a message)
+TINY = ["--model", "test_vit", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+        "--device", "cpu", "--stats", str(REPO / "tests" / "absent-stats.json")]
+
+
+def run(script: str, *args, timeout: int = 300, env_extra=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.update(env_extra or {})
+    cmd = [sys.executable, script, *map(str, args)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{output(proc)[-4000:]}"
+    return proc
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ----------------------------------------------------------------------- data fixtures
+
+def _make_source(root: Path, classes: int = 3, per_class: int = 12) -> Path:
+    """root/<class>/<image>: copies from data1 when present, else drawn images."""
+    root.mkdir(parents=True)
+    names = sorted(p.name for p in DATA1.iterdir() if p.is_dir())[:classes] \
+        if DATA1.is_dir() else []
+    if len(names) == classes:
+        for name in names:
+            (root / name).mkdir()
+            for src in sorted((DATA1 / name).iterdir())[:per_class]:
+                shutil.copy(src, root / name / src.name)
+        return root
+    from PIL import Image, ImageDraw
+    import random
+    rng = random.Random(0)
+    for c in range(classes):
+        (root / f"class {c}").mkdir()
+        for i in range(per_class):
+            img = Image.new("RGB", (48, 48), tuple(rng.randrange(256) for _ in range(3)))
+            draw = ImageDraw.Draw(img)
+            x = rng.randrange(24)
+            draw.ellipse([x, x, x + 16 + 4 * c, x + 16], fill=(40 * c, 255 - 60 * c, 90))
+            img.save(root / f"class {c}" / f"img_{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return _make_source(tmp_path_factory.mktemp("src") / "images")
+
+
+@pytest.fixture(scope="module")
+def split(source, tmp_path_factory) -> Path:
+    """data/train and data/val made by makedata.py (a manual split if it fails)."""
+    dst = tmp_path_factory.mktemp("split") / "data"
+    proc = run("makedata.py", "--src", source, "--dst", dst, "--no-progress")
+    if proc.returncode != 0:  # keep train.py's tests independent of makedata.py
+        for cls in sorted(p.name for p in source.iterdir()):
+            files = sorted((source / cls).iterdir())
+            for part, chunk in (("train", files[:8]), ("val", files[8:])):
+                (dst / part / cls).mkdir(parents=True, exist_ok=True)
+                for f in chunk:
+                    shutil.copy(f, dst / part / cls / f.name)
+    return dst
+
+
+def copy_split(split: Path, dst: Path) -> Path:
+    shutil.copytree(split, dst)
+    return dst
+
+
+# ----------------------------------------------------------------------- end to end
+
+def _pipeline(tmp_path: Path, source: Path, model_args: list[str]) -> None:
+    stats = tmp_path / "stats.json"
+    ok(run("mean_std.py", "--root", source, "--out", stats, "--no-progress", "--workers", "0"))
+    assert len(json.loads(stats.read_text())["mean"]) == 3
+    data = tmp_path / "data"
+    ok(run("makedata.py", "--src", source, "--dst", data, "--no-progress"))
+    out = tmp_path / "run"
+    # mixup on every batch, so the Mixup/SoftTargetCrossEntropy path certainly runs
+    proc = ok(run("train.py", "--data", data, "--output", out, "--epochs", "1",
+                  "--mixup-prob", "1.0", *TINY, "--stats", stats, *model_args))
+    assert f"mean/std from {stats}" in output(proc)
+    for name in ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth",
+                 "report.txt", "report.json", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["img_size"] == 32
+    assert ckpt["class_names"] == sorted(p.name for p in source.iterdir())
+    assert ckpt["model_ema"] is not None and ckpt["optimizer"] is not None
+    assert ckpt["mean"] == pytest.approx(json.loads(stats.read_text())["mean"])
+    best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
+    assert best["best_source"] in ("model", "ema") and best["optimizer"] is None
+
+    # continue to epoch 2: same folder, history kept
+    ok(run("train.py", "--resume", out / "last.pth", "--epochs", "2"))
+    rows = read_csv(out / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 2
+    args = json.loads((out / "args.json").read_text())
+    assert args["epochs"] == 2 and args["img_size"] == 32 and args["resume"]
+
+    # predictions on the labelled val folder
+    csv_path = tmp_path / "pred" / "val.csv"
+    proc = ok(run("test.py", "--checkpoint", out / "best.pth", "--images", data / "val",
+                  "--output", csv_path, "--workers", "0", "--device", "cpu"))
+    rows = read_csv(csv_path)
+    val_images = [p for p in (data / "val").rglob("*") if p.is_file()]
+    assert len(rows) == len(val_images)
+    assert {"file", "label", "correct", "predicted", "confidence", "class_1", "prob_1",
+            "class_3", "prob_3", "error"} <= set(rows[0])
+    assert "class_4" not in rows[0]  # top-5 of 3 classes is top-3
+    assert all(r["predicted"] == r["class_1"] and not r["error"] for r in rows)
+    assert "ACC1" in output(proc)
+    for name in ("val_report.txt", "val_report.json", "val_confusion_matrix.png"):
+        assert (csv_path.parent / name).is_file()
+    report = json.loads((csv_path.parent / "val_report.json").read_text())
+    assert report["num_samples"] == len(rows)
+
+
+@pytest.mark.slow
+def test_pipeline_tiny_timm_model(tmp_path, source):
+    _pipeline(tmp_path, source, [])
+
+
+def _groupmamba_usable() -> str | None:
+    """None when groupmamba_tiny builds and trains one step on the CPU, else why not."""
+    try:
+        import timm
+        import models  # noqa: F401
+
+        model = timm.create_model("groupmamba_tiny", num_classes=3, scan_backend="auto")
+        out = model(torch.randn(2, 3, 32, 32))
+        loss = sum(o.sum() for o in (out if isinstance(out, tuple) else (out,)))
+        loss.backward()
+    except Exception as exc:  # the models package is developed alongside
+        return f"groupmamba_tiny not usable yet: {type(exc).__name__}: {exc}"
+    return None
+
+
+@pytest.mark.slow
+def test_pipeline_groupmamba(tmp_path, source):
+    reason = _groupmamba_usable()
+    if reason:
+        pytest.skip(reason)
+    _pipeline(tmp_path, source, ["--model", "groupmamba_tiny", "--scan-backend", "torch"])
+
+
+@pytest.mark.slow
+def test_ddp_torchrun_cpu(tmp_path, split):
+    out = tmp_path / "ddp"
+    proc = ok(run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "train.py", "--data", split, "--output", out, "--epochs", "1",
+                  *TINY, "--batch-size", "4", timeout=300))
+    args = json.loads((out / "args.json").read_text())
+    assert args["run"]["world_size"] == 2 and "Distributed" in args["run"]["mode"]
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == 1 and float(rows[0]["val_acc1"]) >= 0
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+    assert (out / "report.txt").is_file()
+    assert "ImageNet mean/std" in output(proc)
+
+
+# ----------------------------------------------------------------------- train.py errors
+# Bad-input checks call the scripts' main() in this process (loaded from their files):
+# the same code path as the command line without paying for a fresh interpreter
+# (importing torch and timm) each time. One check per script also runs as a
+# subprocess to cover the exit code and the message a user sees.
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_{name}_script", REPO / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    return load_script("train")
+
+
+@pytest.fixture(scope="module")
+def test_script():
+    return load_script("test")
+
+
+def exits(main, argv, capsys) -> tuple[object, str]:
+    """Run main(argv); return its exit code and everything it said."""
+    with pytest.raises(SystemExit) as info:
+        main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    code = info.value.code
+    return code, f"{code if isinstance(code, str) else ''}\n{captured.out}\n{captured.err}"
+
+
+def train_fails(train_script, capsys, data: Path, out: Path, expect: str, *extra) -> str:
+    code, text = exits(train_script.main, ["--data", data, "--output", out, "--epochs", "1",
+                                           *TINY, *extra], capsys)
+    assert code not in (0, None), text
+    assert expect in text, text
+    return text
+
+
+def test_train_missing_folder_cli(tmp_path):
+    proc = run("train.py", "--data", tmp_path / "nowhere", "--output", tmp_path / "out", *TINY)
+    assert proc.returncode == 1, output(proc)
+    assert "data folder not found" in proc.stderr and "Traceback" not in output(proc)
+    assert not (tmp_path / "out").exists()  # inputs are checked before anything is written
+
+
+def test_train_missing_split(train_script, capsys, tmp_path):
+    (tmp_path / "d" / "train" / "a").mkdir(parents=True)
+    train_fails(train_script, capsys, tmp_path / "d", tmp_path / "out", "val folder not found")
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_empty_class(train_script, capsys, tmp_path, split):
+    data = copy_split(split, tmp_path / "data")
+    (data / "train" / "Empty one").mkdir()
+    (data / "val" / "Empty one").mkdir()
+    train_fails(train_script, capsys, data, tmp_path / "out", "'Empty one'")
+
+
+def test_train_class_mismatch(train_script, capsys, tmp_path, split):
+    data = copy_split(split, tmp_path / "data")
+    victim = sorted((data / "val").iterdir())[0]
+    shutil.rmtree(victim)
+    text = train_fails(train_script, capsys, data, tmp_path / "out", "different class folders")
+    assert f"only in train: ['{victim.name}']" in text
+
+
+def test_train_refuses_non_empty_output(train_script, capsys, tmp_path, split):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    train_fails(train_script, capsys, split, tmp_path / "out", "is not empty")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_train_bad_arguments(train_script, capsys, tmp_path, split):
+    out = tmp_path / "out"
+    train_fails(train_script, capsys, split, out, "even --batch-size", "--batch-size", "7")
+    train_fails(train_script, capsys, split, out, "fewer than --batch-size",
+                "--batch-size", "4096")
+    train_fails(train_script, capsys, split, out, "unknown model", "--model", "no_such_net")
+    (tmp_path / "bad_stats.json").write_text('{"mean": [0.5, 0.5], "std": [0.2, 0.2]}')
+    train_fails(train_script, capsys, split, out, "3 values", "--stats",
+                tmp_path / "bad_stats.json")
+    train_fails(train_script, capsys, split, out, "--pretrained file not found",
+                "--pretrained", tmp_path / "nope.pth")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_train_skips_corrupt_images_and_stops_on_nan(train_script, capsys, tmp_path, split):
+    data = copy_split(split, tmp_path / "data")
+    cls = sorted((data / "train").iterdir())[0]
+    (cls / "garbage.jpg").write_bytes(b"this is not a jpeg")
+    good = next(p for p in sorted(cls.iterdir()) if p.name != "garbage.jpg")
+    (cls / "truncated.jpg").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    out = tmp_path / "run"
+    train_script.main([str(a) for a in ("--data", data, "--output", out, "--epochs", "1",
+                                        "--ema-decay", "0", *TINY)])
+    assert "skipped 2 file(s)" in capsys.readouterr().out
+    listed = (out / "skipped_images.txt").read_text()
+    assert "garbage.jpg" in listed and "truncated.jpg" in listed
+
+    # a NaN loss stops with a message naming epoch and step; last.pth stays as it was
+    before = (out / "last.pth").read_bytes()
+    code, text = exits(train_script.main, ["--resume", out, "--epochs", "2", "--lr", "1e30",
+                                           "--warmup-epochs", "0"], capsys)
+    assert code == 1, text
+    assert "at epoch 2, step" in text and "last good checkpoint" in text, text
+    assert (out / "last.pth").read_bytes() == before
+    # resuming a run that is already complete says so
+    code, text = exits(train_script.main, ["--resume", out / "last.pth", "--epochs", "1"],
+                       capsys)
+    assert code and "already trained 1 epochs" in text
+
+
+# ----------------------------------------------------------------------- test.py
+
+@pytest.fixture(scope="module")
+def trained(split, tmp_path_factory, train_script) -> Path:
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "1",
+                                        "--ema-decay", "0", *TINY)])
+    return out / "best.pth"
+
+
+def test_predict_unlabelled_with_unreadable(test_script, capsys, tmp_path, trained, split):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    some = sorted(p for p in (split / "val").rglob("*") if p.is_file())[:3]
+    for i, f in enumerate(some):
+        shutil.copy(f, folder / f"{i}{f.suffix}")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    csv_path = tmp_path / "p.csv"
+    base = ["--checkpoint", trained, "--workers", "0", "--device", "cpu"]
+    code, text = exits(test_script.main, base + ["--images", folder, "--output", csv_path],
+                       capsys)
+    assert code == 0, text
+    rows = read_csv(csv_path)
+    assert len(rows) == 4 and "label" not in rows[0]
+    broken = [r for r in rows if r["file"].endswith("broken.png")][0]
+    assert broken["error"] and not broken["predicted"]
+    assert "could not be read" in text
+    assert not (tmp_path / "p_report.txt").exists()
+    # an existing CSV is not overwritten without --force
+    code, text = exits(test_script.main, base + ["--images", folder, "--output", csv_path],
+                       capsys)
+    assert code == 2 and "--force" in text
+    # one file, and a glob
+    code, text = exits(test_script.main, base + ["--images", some[0], "--output",
+                                                 tmp_path / "one.csv"], capsys)
+    assert code == 0 and len(read_csv(tmp_path / "one.csv")) == 1
+    code, text = exits(test_script.main, base + [
+        "--images", folder / "[0-9].*", "--output", tmp_path / "glob.csv",
+        "--weights", "model"], capsys)
+    assert code == 0 and len(read_csv(tmp_path / "glob.csv")) == 3
+    # only unreadable images: exit 1
+    code, text = exits(test_script.main, base + ["--images", folder / "broken.png",
+                                                 "--output", tmp_path / "bad.csv"], capsys)
+    assert code == 1
+
+
+def test_predict_bad_checkpoint_cli(tmp_path, split):
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": {"w": torch.zeros(2)}}, bare)
+    proc = run("test.py", "--checkpoint", bare, "--images", split / "val",
+               "--output", tmp_path / "x.csv")
+    assert proc.returncode == 2, output(proc)
+    assert "does not look like a checkpoint written by train.py" in proc.stderr
+    assert "Traceback" not in output(proc)
+
+
+def test_predict_bad_checkpoints(test_script, capsys, tmp_path, trained, split):
+    def fails(ckpt, expect, *extra):
+        code, text = exits(test_script.main, ["--checkpoint", ckpt, "--images", split / "val",
+                                              "--output", tmp_path / "x.csv", *extra], capsys)
+        assert code == 2, text
+        assert expect in text, text
+        assert not (tmp_path / "x.csv").exists()
+
+    fails(tmp_path / "missing.pth", "checkpoint not found")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    fails(tmp_path / "junk.pth", "cannot load")
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    torch.save(dict(ckpt, model_name="test_resnet"), tmp_path / "other.pth")
+    fails(tmp_path / "other.pth", "do not match")
+    torch.save(dict(ckpt, class_names=ckpt["class_names"][:-1]), tmp_path / "classes.pth")
+    fails(tmp_path / "classes.pth", "class names but the model has")
+    fails(trained, "no EMA weights", "--ema")  # trained with --ema-decay 0
+    fails(trained, "--images not found", "--images", tmp_path / "nope")
+
+
+# ----------------------------------------------------------------------- units
+
+def test_topk_with_few_classes():
+    from utils.metrics import topk_correct
+
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_correct(logits, torch.tensor([1, 2]), (1, 5)) == [1.0, 2.0]
+
+
+def test_schedule_warmup_then_cosine():
+    from utils.optim import warmup_cosine
+
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_lr_ratio=0.0)
+    assert f(0) == pytest.approx(0.01) and f(10) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-9)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path):
+    from utils.checkpoint import load_checkpoint, save_checkpoint, to_plain
+    import argparse
+
+    state = {"model": {"w": torch.ones(3)}, "args": to_plain(argparse.Namespace(
+        p=Path("x"), t=(1, 2)))}
+    save_checkpoint(state, tmp_path / "c.pth")
+    assert list(tmp_path.iterdir()) == [tmp_path / "c.pth"]  # no temp file left
+    loaded = load_checkpoint(tmp_path / "c.pth", ("model",))
+    assert loaded["args"] == {"p": "x", "t": [1, 2]}
+
+
+def test_resume_is_exact(train_script, capsys, tmp_path, split, monkeypatch):
+    """Stopped after epoch 1 and resumed == trained 2 epochs without a break."""
+    common = ["--data", split, "--epochs", "2", "--warmup-epochs", "0.5", "--mixup-prob", "0.5",
+              "--ema-decay", "0.99", *TINY]
+    train_script.main([str(a) for a in common + ["--output", tmp_path / "straight"]])
+
+    real = train_script.train_one_epoch
+
+    def stop_at_epoch_2(*args, **kwargs):
+        if args[7] == 2:  # the epoch argument
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_script, "train_one_epoch", stop_at_epoch_2)
+    code, text = exits(train_script.main,
+                       common + ["--output", tmp_path / "broken"], capsys)
+    assert "interrupted" in str(code)
+    monkeypatch.setattr(train_script, "train_one_epoch", real)
+    train_script.main([str(a) for a in ["--resume", tmp_path / "broken" / "last.pth"]])
+
+    a = torch.load(tmp_path / "straight" / "last.pth", map_location="cpu", weights_only=True)
+    b = torch.load(tmp_path / "broken" / "last.pth", map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["global_step"] == b["global_step"]
+    for key in ("model", "model_ema"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
+    assert read_csv(tmp_path / "straight" / "metrics.csv")[1]["train_loss"] == \
+        read_csv(tmp_path / "broken" / "metrics.csv")[1]["train_loss"]

@@ -1,0 +1,220 @@
+"""Train/val image folders for train.py and image lists for test.py.
+
+Layout read by train.py (what makedata.py writes)::
+
+    <data>/train/<class name>/<image>
+    <data>/val/<class name>/<image>
+
+Listing uses ``utils.images.scan_image_folder`` (any extension in
+``IMAGE_EXTENSIONS``, nested folders inside a class allowed, hidden files ignored)
+and decoding uses ``utils.images.open_rgb``.
+
+Checks made before any training starts (a ``DatasetError`` with a message):
+a missing data/train/val folder, a split without class folders, a class folder
+without images, and train and val class lists that differ.
+
+Unreadable images (policy): every image is checked when the folders are scanned
+(``check="full"`` decodes each file, ``"header"`` only opens it, ``"none"`` skips the
+check). Files that fail are *skipped with a warning* -- listed with the reason, and
+train.py writes them to ``skipped_images.txt`` -- because one bad file in thousands
+should not stop a run. If skipping leaves a class empty, that is an error. A file that
+passed the scan but fails to decode later (changed on disk, or ``header``/``none``
+mode) raises ``ImageReadError`` naming it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from utils.images import ImageReadError, is_image_file, open_rgb, scan_image_folder
+
+CHECK_MODES = ("full", "header", "none")
+
+
+class DatasetError(ValueError):
+    """A data folder that cannot be trained on; the message says why and what to do."""
+
+
+@dataclass
+class Split:
+    """One split (train or val) after scanning and checking."""
+
+    name: str
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    def counts(self) -> list[int]:
+        out = [0] * len(self.classes)
+        for _, label in self.samples:
+            out[label] += 1
+        return out
+
+
+def _check_one(path: Path, mode: str) -> Optional[str]:
+    """None when the file is readable, else the reason."""
+    try:
+        if mode == "full":
+            open_rgb(path)
+        else:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - opening parses the header
+    except ImageReadError as exc:
+        return str(exc)
+    except Exception as exc:  # PIL raises many types for garbage files
+        return f"cannot read image {path}: {exc or type(exc).__name__}"
+    return None
+
+
+def find_unreadable(paths: Sequence[Path], mode: str = "full",
+                    threads: int = 4) -> dict[Path, str]:
+    """Map of unreadable files to the reason (decoding releases the GIL: threads help)."""
+    if mode not in CHECK_MODES:
+        raise ValueError(f"image check must be one of {CHECK_MODES}, not {mode!r}")
+    if mode == "none" or not paths:
+        return {}
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        reasons = list(pool.map(lambda p: _check_one(p, mode), paths))
+    return {p: r for p, r in zip(paths, reasons) if r is not None}
+
+
+def scan_split(root: Path, name: str, check: str = "full", threads: int = 4) -> Split:
+    """List one split, drop unreadable files, and refuse empty classes."""
+    if not root.exists():
+        raise DatasetError(
+            f"{name} folder not found: {root} (expected <data>/{name}/<class>/<images>; "
+            "make it with makedata.py)")
+    if not root.is_dir():
+        raise DatasetError(f"{name} path is not a folder: {root}")
+    index = scan_image_folder(root)
+    if not index.classes:
+        raise DatasetError(f"no class folders in {root} (expected {root}/<class>/<images>)")
+    skipped = [(str(p), reason) for p, reason in index.skipped]
+    all_files = [p for c in index.classes for p in index.images[c]]
+    bad = find_unreadable(all_files, check, threads)
+    skipped += [(str(p), reason) for p, reason in bad.items()]
+    samples = [(str(p), idx) for idx, c in enumerate(index.classes)
+               for p in index.images[c] if p not in bad]
+    split = Split(name=name, root=root, classes=list(index.classes), samples=samples,
+                  skipped=skipped)
+    empty = [c for c, n in zip(split.classes, split.counts()) if n == 0]
+    if empty:
+        raise DatasetError(
+            f"{len(empty)} class folder(s) in {root} have no readable images: "
+            + ", ".join(repr(c) for c in empty)
+            + " (add images or remove the folder from both train and val)")
+    return split
+
+
+def load_train_val(data: str | os.PathLike, check: str = "full",
+                   threads: int = 4) -> tuple[Split, Split]:
+    """Scan <data>/train and <data>/val and check that they agree."""
+    data = Path(data)
+    if not data.is_dir():
+        raise DatasetError(f"data folder not found: {data} (make it with makedata.py, "
+                           "or pass --data)")
+    for name in ("train", "val"):  # both folders first: one message for a missing split
+        if not (data / name).is_dir():
+            raise DatasetError(f"{name} folder not found: {data / name} (expected "
+                               f"{data}/train/<class>/... and {data}/val/<class>/...; "
+                               "make them with makedata.py)")
+    train = scan_split(data / "train", "train", check, threads)
+    val = scan_split(data / "val", "val", check, threads)
+    if train.classes != val.classes:
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
+        raise DatasetError(
+            "train and val have different class folders"
+            + (f"; only in train: {only_train}" if only_train else "")
+            + (f"; only in val: {only_val}" if only_val else "")
+            + " (both splits need the same classes: re-run makedata.py)")
+    return train, val
+
+
+class ImageDataset(Dataset):
+    """``(image tensor, label)`` for a list of ``(path, label)``; decodes with open_rgb."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable):
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return self.transform(open_rgb(path)), label
+
+
+# ----------------------------------------------------------------------- test.py inputs
+
+def collect_images(spec: str) -> tuple[list[Path], Optional[Path]]:
+    """Images named by ``spec``: one image file, a folder (searched recursively), or a
+    glob pattern (``**`` allowed). Returns the sorted files and the folder when ``spec``
+    was a folder (else None). Hidden files are ignored in folders."""
+    path = Path(spec)
+    if path.is_file():
+        if not is_image_file(path):
+            raise DatasetError(f"not an image file (extension): {path}")
+        return [path], None
+    if path.is_dir():
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath, f) for f in filenames
+                      if not f.startswith(".") and is_image_file(f)]
+        if not files:
+            raise DatasetError(f"no image files under {path}")
+        return sorted(files), path
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                       if os.path.isfile(p) and is_image_file(p))
+        if not files:
+            raise DatasetError(f"no image files match {spec!r}")
+        return files, None
+    raise DatasetError(f"--images not found: {spec} (give an image, a folder or a glob)")
+
+
+def labels_from_folder(files: Sequence[Path], folder: Optional[Path],
+                       class_names: Sequence[str]) -> Optional[list[int]]:
+    """Class indices when ``folder`` is laid out as ``folder/<class name>/...`` with the
+    checkpoint's class names for every image; None when it is not labelled that way."""
+    if folder is None:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = []
+    for f in files:
+        parts = f.relative_to(folder).parts
+        if len(parts) < 2 or parts[0] not in index:
+            return None
+        labels.append(index[parts[0]])
+    return labels
+
+
+class PredictDataset(Dataset):
+    """``(tensor, index, error)`` per file; an unreadable file gives a zero tensor and
+    the reason, so one bad file does not stop a prediction run."""
+
+    def __init__(self, files: Sequence[Path], transform: Callable, img_size: int):
+        self.files = [str(f) for f in files]
+        self.transform = transform
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(open_rgb(self.files[i])), i, ""
+        except ImageReadError as exc:
+            return torch.zeros(3, self.img_size, self.img_size), i, str(exc)

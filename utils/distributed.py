@@ -1,0 +1,192 @@
+"""Single process, DataParallel or DistributedDataParallel: one object says which.
+
+How train.py runs on several devices:
+
+* ``python train.py ...`` with one visible GPU (or ``--device cpu``): one process,
+  no wrapper.
+* ``python train.py ...`` with several visible GPUs: one process,
+  ``torch.nn.DataParallel`` over all of them; ``--batch-size`` is the total batch,
+  split across the GPUs. Restrict the GPUs with ``CUDA_VISIBLE_DEVICES``.
+* ``torchrun --nproc_per_node=N train.py ...``: N processes,
+  ``DistributedDataParallel`` (NCCL on CUDA, Gloo on CPU), one GPU per process;
+  ``--batch-size`` is per process, so the global batch is N x --batch-size. Only rank
+  0 prints, shows progress bars and writes files; metrics are summed over all ranks.
+
+``setup_distributed`` reads the variables torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK) and returns a ``DistEnv``; everything else here takes that object.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class DistEnv:
+    """Where this process runs and how it talks to the others."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    distributed: bool = False   # started by torchrun with WORLD_SIZE > 1
+    data_parallel: bool = False  # one process driving several GPUs
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def mode(self) -> str:
+        if self.distributed:
+            return f"DistributedDataParallel ({dist.get_backend()}, {self.world_size} processes)"
+        if self.data_parallel:
+            return f"DataParallel ({torch.cuda.device_count()} GPUs)"
+        return "single process"
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """'auto' -> CUDA when available, else CPU; 'cuda' without a GPU is an error."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, not {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda was asked for but no CUDA GPU is "
+                             "visible to PyTorch (use --device cpu or auto)")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def started_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def setup_distributed(device_name: str = "auto", allow_data_parallel: bool = True) -> DistEnv:
+    """Initialise the process group when started by torchrun; pick the device."""
+    if started_by_torchrun():
+        rank = int(os.environ["RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = resolve_device(device_name, local_rank)
+        if device.type == "cuda":
+            if local_rank >= torch.cuda.device_count():
+                raise SystemExit(
+                    f"error: LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} "
+                    "GPU(s) are visible; use --nproc_per_node <= the GPU count")
+            torch.cuda.set_device(device)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                    **({"device_id": device} if backend == "nccl" else {}))
+        return DistEnv(device=device, rank=rank, world_size=world_size,
+                       local_rank=local_rank, distributed=True)
+    device = resolve_device(device_name)
+    data_parallel = (allow_data_parallel and device.type == "cuda"
+                     and torch.cuda.device_count() > 1)
+    return DistEnv(device=device, data_parallel=data_parallel)
+
+
+def cleanup_distributed(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, env: DistEnv) -> nn.Module:
+    """DDP, DataParallel or the model itself, according to ``env``."""
+    if env.distributed:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if env.data_parallel:
+        return nn.DataParallel(model)
+    return model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP/DataParallel (and torch.compile) wrappers."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def all_reduce_sums(values: Sequence[float], env: DistEnv) -> list[float]:
+    """Sum a few numbers over all ranks (identity in a single process)."""
+    if not env.distributed:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                     device=env.device if env.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def run_on_main(fn: Callable[[], Any], env: DistEnv,
+                errors: tuple[type[BaseException], ...] = (ValueError, OSError)) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result to every rank.
+
+    An expected error on rank 0 (``errors``, or SystemExit) is re-raised on every rank
+    as ``SystemExit`` with the same message, so no rank waits forever for the others.
+    """
+    result, message = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except SystemExit as exc:
+            message = str(exc.code) if exc.code not in (None, 0) else "stopped"
+        except errors as exc:
+            message = f"error: {exc}"
+    if env.distributed:
+        result, message = broadcast_object((result, message), env)
+    if message is not None:
+        raise SystemExit(message)
+    return result
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        if env.device.type == "cuda":
+            dist.barrier(device_ids=[env.device.index])
+        else:
+            dist.barrier()
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Every sample exactly once across ranks (rank r takes positions r, r + world, ...),
+    unlike DistributedSampler, which pads with duplicates: exact evaluation metrics.
+
+    With ``seed`` the order is a fixed permutation (the same every epoch), so a pass cut
+    short (train.py --max-val-batches) still sees every class, not the first few."""
+
+    def __init__(self, length: int, rank: int = 0, world_size: int = 1,
+                 seed: int | None = None):
+        self.length, self.rank, self.world_size = int(length), int(rank), int(world_size)
+        if seed is None:
+            self.order = list(range(self.length))
+        else:
+            gen = torch.Generator().manual_seed(int(seed))
+            self.order = torch.randperm(self.length, generator=gen).tolist()
+
+    def __iter__(self):
+        return iter(self.order[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.length, self.world_size))

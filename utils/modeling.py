@@ -1,0 +1,119 @@
+"""Build a classifier by timm name and load starting weights into it.
+
+``groupmamba_*`` names come from this repository's ``models`` package (imported on
+demand, which registers them with timm) and take ``scan_backend``; any other timm
+name works too (without pretrained downloads: weights come from a file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Mapping, Optional
+
+import timm
+import torch
+
+from utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint,
+                              load_weights_dropping_head)
+
+SCAN_BACKENDS = ("auto", "torch", "triton", "cuda")
+
+
+class ModelConfigError(ValueError):
+    """An unknown model name or arguments the model does not take."""
+
+
+def is_groupmamba(name: str) -> bool:
+    return name.lower().startswith("groupmamba")
+
+
+def import_models(required: bool):
+    """Import the repo's ``models`` package (registers groupmamba_* with timm)."""
+    try:
+        return importlib.import_module("models")
+    except Exception as exc:
+        if required:
+            raise SystemExit(f"error: cannot import the models package needed for "
+                             f"GroupMamba models: {type(exc).__name__}: {exc}") from exc
+        return None
+
+
+def set_scan_backend(backend: Optional[str]) -> None:
+    """Export GROUPMAMBA_SCAN_BACKEND so every GroupMamba module built later sees it."""
+    if backend:
+        if backend not in SCAN_BACKENDS:
+            raise ValueError(f"scan backend must be one of {SCAN_BACKENDS}, not {backend!r}")
+        os.environ["GROUPMAMBA_SCAN_BACKEND"] = backend
+
+
+def check_model_name(name: str) -> None:
+    """Raise ModelConfigError unless timm knows ``name`` (after importing ``models``)."""
+    import_models(required=is_groupmamba(name))
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        raise ModelConfigError(f"unknown model {name!r}"
+                               + (f"; similar names: {', '.join(close)}" if close else
+                                  " (any timm model name, or groupmamba_tiny/small/base)"))
+
+
+def create_model(name: str, model_kwargs: Mapping[str, Any],
+                 scan_backend: Optional[str] = None) -> torch.nn.Module:
+    """``timm.create_model(name, **model_kwargs)``, plus ``scan_backend`` for GroupMamba."""
+    check_model_name(name)
+    kwargs = dict(model_kwargs)
+    if is_groupmamba(name) and scan_backend:
+        kwargs["scan_backend"] = scan_backend
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as exc:
+        raise ModelConfigError(f"model {name!r} does not accept {sorted(kwargs)}: "
+                               f"{exc}") from exc
+
+
+def model_kwargs_for(name: str, num_classes: int, drop_path: float) -> dict:
+    """The kwargs recorded in checkpoints and passed to ``create_model``."""
+    kwargs: dict[str, Any] = {"num_classes": int(num_classes)}
+    if drop_path > 0:
+        kwargs["drop_path_rate"] = float(drop_path)
+    return kwargs
+
+
+def describe_model(model: torch.nn.Module, kwargs: Mapping[str, Any]) -> dict:
+    """Add the model's own config flags (e.g. GroupMamba's ``distillation``)."""
+    kwargs = dict(kwargs)
+    distillation = getattr(model, "distillation", None)
+    if isinstance(distillation, bool):
+        kwargs["distillation"] = distillation
+    return kwargs
+
+
+def load_pretrained(model: torch.nn.Module, name: str, path: str) -> str:
+    """Starting weights from an official release file or one of our checkpoints; the
+    head is re-initialised when the class count differs. Returns a log line."""
+    if is_groupmamba(name):
+        models = import_models(required=True)
+        if not hasattr(models, "load_pretrained"):
+            raise SystemExit("error: models.load_pretrained is missing; cannot load "
+                             f"{path} into {name}")
+        try:
+            result = models.load_pretrained(model, path)
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot load {path} into {name}: {exc}") from exc
+        return f"loaded pretrained weights from {path}" + (f" ({result})" if result else "")
+    ckpt = load_checkpoint(path)
+    state = extract_state_dict(ckpt)
+    dropped = load_weights_dropping_head(model, state, source=str(path))
+    note = f"; head re-initialised ({', '.join(dropped)})" if dropped else ""
+    return f"loaded pretrained weights from {path}{note}"
+
+
+def load_for_inference(model: torch.nn.Module, state_dict: Mapping[str, Any],
+                       source: str) -> None:
+    """Strict load with a readable error when the weights do not fit the model."""
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise CheckpointError(f"weights in {source} do not match the model they describe: "
+                              + " ".join(lines[:4])[:800]) from exc

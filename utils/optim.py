@@ -1,0 +1,50 @@
+"""AdamW and a per-step learning-rate schedule: linear warm-up, then cosine decay.
+
+The optimizer comes from ``timm.optim.create_optimizer_v2`` (no weight decay on
+biases, norm weights and whatever the model lists in ``no_weight_decay()``). The
+schedule is a ``torch.optim.lr_scheduler.LambdaLR`` stepped once per optimizer step::
+
+    warm-up  (step < W):  lr * (r + (1 - r) * step / W)          r = warmup_ratio
+    cosine   (step >= W): min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2,
+                          t = (step - W) / (total - W)
+
+Its state (a step counter and the base rates) is plain data, so it resumes exactly
+from a checkpoint; the shape itself is rebuilt from the arguments, so a resumed run
+with more ``--epochs`` stretches the remaining cosine over the new length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
+                    betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
+                               betas=tuple(betas), eps=eps)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float,
+                  warmup_ratio: float = 0.01):
+    """The multiplier of the base learning rate at each optimizer step."""
+    total_steps = max(1, int(total_steps))
+    warmup_steps = max(0, min(int(warmup_steps), total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        t = min(1.0, t)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                    lr: float, min_lr: float) -> LambdaLR:
+    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
+    return LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, ratio))
