@@ -41,7 +41,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from utils.amp import AMP_MODES, Precision
-from utils.checkpoint import INFERENCE_KEYS, CheckpointError, load_checkpoint
+from utils.checkpoint import (INFERENCE_KEYS, CheckpointError, check_checkpoint,
+                              choose_weights, load_checkpoint)
 from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
 from utils.distributed import resolve_device
 from utils.engine import predict_batches
@@ -80,32 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="GroupMamba selective-scan implementation")
     return p
-
-
-def check_checkpoint(ckpt: dict, path: str) -> None:
-    """The metadata must describe a model we can rebuild."""
-    names = ckpt["class_names"]
-    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
-        raise CheckpointError(f"{path}: class_names is not a list of names")
-    kwargs = ckpt["model_kwargs"]
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"{path}: model_kwargs is not a dict")
-    if kwargs.get("num_classes", len(names)) != len(names):
-        raise CheckpointError(f"{path}: {len(names)} class names but the model has "
-                              f"num_classes={kwargs.get('num_classes')}")
-    if len(ckpt["mean"]) != 3 or len(ckpt["std"]) != 3 or int(ckpt["img_size"]) < 1:
-        raise CheckpointError(f"{path}: mean/std need 3 values and img_size must be positive")
-
-
-def choose_weights(ckpt: dict, mode: str, path: str) -> tuple[dict, str]:
-    ema = ckpt.get("model_ema")
-    if mode == "ema":
-        if not ema:
-            raise CheckpointError(f"{path} has no EMA weights (trained with --ema-decay 0)")
-        return ema, "EMA"
-    if mode == "auto" and ckpt.get("best_source") == "ema" and ema:
-        return ema, "EMA"
-    return ckpt["model"], "raw"
 
 
 def side_files(csv_path: Path) -> dict[str, Path]:

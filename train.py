@@ -36,6 +36,16 @@ What one run does
   (NCCL on GPUs, Gloo with --device cpu; --batch-size is per process).
 * A NaN/inf loss stops the run with a message naming the epoch and step (exit code
   1); the last checkpoint written stays as it was.
+* Distillation (the GroupMamba paper's objective, DeiT's recipe): with
+  ``--teacher best.pth --distillation-type hard`` the student's ``head`` learns the
+  labels and its ``dist_head`` the teacher's top-1 class (``soft``: the teacher's
+  temperature-softened probabilities); loss = (1 - alpha) * label loss + alpha *
+  teacher loss. The teacher (a checkpoint of ours, an official GroupMamba release file,
+  or a timm name with --teacher-checkpoint) runs in eval mode without gradients on the
+  same, already mixed, batch; its classes must be the data's, checked before training.
+  Its val ACC1 is logged at the start. A student with one head (a timm CNN,
+  GroupMamba with distillation=False) gets both terms on that head. Without a teacher
+  GroupMamba's two heads both learn the labels. See utils/distillation.py.
 
 Files written in --output (default runs/<YYYYmmdd-HHMMSS>)
 ----------------------------------------------------------
@@ -92,6 +102,8 @@ from utils.amp import AMP_MODES, Precision
 from utils.checkpoint import (RESUME_KEYS, FORMAT, CheckpointError, load_checkpoint,
                               save_checkpoint, to_plain)
 from utils.datasets import CHECK_MODES, DatasetError, ImageDataset, load_train_val
+from utils.distillation import (DISTILLATION_TYPES, DistillationLoss, describe,
+                                resolve_teacher_source, same_teacher_note, setup_teacher)
 from utils.distributed import (DistEnv, ShardSampler, barrier, cleanup_distributed,
                                run_on_main, setup_distributed, unwrap_model, wrap_model)
 from utils.engine import NonFiniteLossError, predict_batches, train_one_epoch, validate
@@ -102,7 +114,7 @@ from utils.modeling import (SCAN_BACKENDS, ModelConfigError, check_model_name, c
                             set_scan_backend)
 from utils.optim import build_optimizer, build_scheduler
 from utils.plots import plot_confusion_matrix, plot_curves
-from utils.seed import get_rng_state, seed_everything, set_rng_state
+from utils.seed import get_rng_state, preserved_rng, seed_everything, set_rng_state
 from utils.transforms import eval_transform, load_stats, train_transform
 
 log = logging.getLogger("train")
@@ -205,6 +217,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one mixing factor per batch, per pair or per image")
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
+    g = p.add_argument_group("distillation (DeiT, as in the GroupMamba paper)")
+    g.add_argument("--teacher", default=None, metavar="CKPT|NAME",
+                   help="the teacher: a checkpoint written by train.py, an official GroupMamba "
+                        "release file, or a timm model name with --teacher-checkpoint; it "
+                        "must know the data's classes (unset: no teacher)")
+    g.add_argument("--teacher-checkpoint", default=None, metavar="PATH",
+                   help="weights of a --teacher given by timm model name")
+    g.add_argument("--distillation-type", choices=DISTILLATION_TYPES, default="none",
+                   help="none: no teacher (GroupMamba's two heads both learn the labels); "
+                        "soft: KL divergence to the teacher's softened predictions; hard: "
+                        "cross-entropy to the teacher's top-1 class (DeiT's best)")
+    g.add_argument("--distillation-alpha", type=float, default=0.5,
+                   help="weight of the teacher term; the label term gets 1 - alpha")
+    g.add_argument("--distillation-tau", type=float, default=1.0,
+                   help="temperature of soft distillation")
+
     g = p.add_argument_group("output and control")
     g.add_argument("--output", default=None,
                    help="run folder (unset: runs/<YYYYmmdd-HHMMSS>, or the --resume "
@@ -254,6 +282,18 @@ def check_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("max_train_batches", "max_val_batches"):
         v = getattr(a, name)
         need(v is None or v >= 1, f"--{name.replace('_', '-')} must be at least 1")
+    if a.distillation_type == "none":
+        need(a.teacher is None, "--teacher is given but --distillation-type is none; choose "
+             "--distillation-type hard (DeiT's best) or soft")
+    else:
+        need(a.teacher is not None, f"--distillation-type {a.distillation_type} needs a "
+             "--teacher (a checkpoint written by train.py, an official GroupMamba release "
+             "file, or a timm model name with --teacher-checkpoint)")
+    need(a.teacher_checkpoint is None or a.teacher is not None,
+         "--teacher-checkpoint needs --teacher <timm model name>")
+    need(0 <= a.distillation_alpha <= 1, "--distillation-alpha must be in [0, 1]")
+    need(a.distillation_tau > 0 and math.isfinite(a.distillation_tau),
+         "--distillation-tau must be a positive number")
     if mixup_active(a):
         need(a.batch_size % 2 == 0, "Mixup/CutMix needs an even --batch-size "
              "(or turn them off with --mixup 0 --cutmix 0)")
@@ -289,6 +329,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict | None]:
     values.update(explicit)
     if resume_ckpt is not None:
         values["resume"] = str(path)  # the file, also when a folder was given
+        if explicit.get("distillation_type") == "none" and "teacher" not in explicit:
+            values["teacher"] = values["teacher_checkpoint"] = None  # drop the saved teacher
     check_args(parser, args)
     return args, resume_ckpt
 
@@ -368,8 +410,9 @@ def build_loaders(args, train_split, val_split, mean, std, env: DistEnv):
     return train_loader, val_loader, train_sampler
 
 
-def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv):
-    """Model (wrapped), EMA, optimizer, scheduler, precision, criterion and Mixup."""
+def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher=None):
+    """Model, EMA, optimizer, scheduler, precision, criterion, Mixup and, with a
+    teacher, the distillation loss that wraps the criterion."""
     kwargs = model_kwargs_for(args.model, num_classes, args.drop_path)
     model = create_model(args.model, kwargs, args.scan_backend)
     model_kwargs = describe_model(model, kwargs)
@@ -396,10 +439,14 @@ def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv):
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    distill = None if teacher is None else DistillationLoss(
+        criterion, teacher.model, args.distillation_type, args.distillation_alpha,
+        args.distillation_tau)
     return dict(model=model, model_kwargs=model_kwargs, loaded=loaded, ema=ema,
                 optimizer=optimizer,
                 scheduler=scheduler, precision=precision, mixup_fn=mixup_fn,
-                criterion=criterion, total_steps=total, warmup_steps=warmup)
+                criterion=criterion, total_steps=total, warmup_steps=warmup,
+                teacher=teacher, distill=distill)
 
 
 def restore(ckpt: dict, t: dict, class_names: list[str], env: DistEnv, seed: int,
@@ -449,6 +496,7 @@ def checkpoint_state(args, t, state, class_names, mean, std, full: bool) -> dict
         "class_names": list(class_names), "mean": list(mean), "std": list(std),
         "img_size": int(args.img_size), "args": to_plain(args),
         "history": to_plain(state["history"]),
+        "teacher": to_plain(t["teacher"].info) if t["teacher"] is not None else None,
     }
 
 
@@ -480,6 +528,25 @@ def final_report(args, t, val_split, mean, std, env: DistEnv, output: Path) -> N
              100 * summary["accuracy"], output / "report.txt", output / "confusion_matrix.png")
 
 
+def check_teacher(args, t, val_loader, env: DistEnv, num_classes: int, resume_ckpt) -> None:
+    """Log how the teacher is used and its accuracy on val (a check that it fits the data)."""
+    teacher = t["teacher"]
+    for note in teacher.notes:
+        log.warning("teacher: %s", note)
+    note = same_teacher_note((resume_ckpt or {}).get("teacher"), teacher.info)
+    if note:
+        log.warning("teacher: %s", note)
+    with preserved_rng():  # a loader draws its seed from the RNG; keep the run's stream
+        tv = validate(teacher.model, val_loader, t["precision"], env, num_classes,
+                      args.max_val_batches, "teacher val")
+    teacher.info["val_acc1"] = tv["acc1"]
+    log.info("teacher: %s from %s (%s, %s weights, %.2f M params), val ACC1 %.2f %%; %s",
+             teacher.info["model_name"], teacher.info["file"], teacher.info["kind"],
+             teacher.info["weights"], teacher.info["params"] / 1e6, tv["acc1"],
+             describe(args.distillation_type, args.distillation_alpha, args.distillation_tau,
+                      t["model_kwargs"]))
+
+
 # ------------------------------------------------------------------------ the run
 
 def run(args, resume_ckpt, env: DistEnv) -> None:
@@ -489,6 +556,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
     check_model_name(args.model)
     if args.pretrained and not Path(args.pretrained).is_file():
         raise CheckpointError(f"--pretrained file not found: {args.pretrained}")
+    teacher_source = (resolve_teacher_source(args.teacher, args.teacher_checkpoint)
+                      if args.teacher else None)
     try:
         mean, std, stats_msg = load_stats(args.stats)
     except ValueError as exc:
@@ -499,7 +568,10 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
     train_loader, val_loader, sampler = build_loaders(args, train_split, val_split, mean, std, env)
     steps = len(train_loader) if args.max_train_batches is None else \
         min(len(train_loader), args.max_train_batches)
-    t = build_training(args, len(train_split.classes), steps, env)
+    teacher = None if teacher_source is None else setup_teacher(
+        teacher_source, train_split.classes, args.img_size, mean, std, env.device,
+        args.scan_backend, env.data_parallel)
+    t = build_training(args, len(train_split.classes), steps, env, teacher)
     seed_everything(args.seed, env.rank)  # each rank its own augmentation stream
     output = Path(run_on_main(lambda: prepare_output(args), env))
     args.output = str(output)
@@ -525,6 +597,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             raise SystemExit(f"error: {args.resume} has already trained {state['epoch']} "
                              f"epochs; pass --epochs larger than that to continue")
     model = wrap_model(t["model"], env)
+    if t["teacher"] is not None:  # before args.json, which records its val accuracy
+        check_teacher(args, t, val_loader, env, len(classes), resume_ckpt)
     if env.is_main:
         n_params = sum(p.numel() for p in t["model"].parameters())
         log.info("%s (%.2f M params, %s), %s on %s, amp %s, batch %d x %d process(es), "
@@ -539,7 +613,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             "amp": t["precision"].mode, "num_classes": len(classes), "class_names": classes,
             "train_images": len(train_split.samples), "val_images": len(val_split.samples),
             "steps_per_epoch": steps, "mean": mean, "std": std,
-            "torch": torch.__version__, "python": platform.python_version()}})
+            "torch": torch.__version__, "python": platform.python_version(),
+            "teacher": to_plain(t["teacher"].info) if t["teacher"] else None}})
 
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         sampler.set_epoch(epoch)
@@ -550,7 +625,7 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
                                  mixup_fn=t["mixup_fn"], ema=t["ema"],
                                  clip_grad=args.clip_grad,
                                  max_batches=args.max_train_batches,
-                                 global_step=state["global_step"])
+                                 global_step=state["global_step"], distill=t["distill"])
         except NonFiniteLossError as exc:
             last = output / "last.pth"
             kept = (f"the last good checkpoint is {last} (epoch {state['epoch']})"

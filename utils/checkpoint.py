@@ -15,6 +15,8 @@ A checkpoint written by train.py is a dict of tensors and plain Python values on
     mean, std      normalisation used; img_size
     args           train.py's final arguments as a dict of plain values
     history        per-epoch metrics so far (list of dicts)
+    teacher        None, or what the distillation teacher was (file, sha256, model
+                   name and kwargs, weights used, ...; see utils/distillation.py)
     format         "groupmamba-toolkit/1"
 
 ``best.pth`` holds what inference needs (weights, EMA weights and the metadata);
@@ -105,6 +107,34 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = (),
                     "official release file can be used with train.py --pretrained)")
         raise CheckpointError(f"{path} lacks {', '.join(missing)}{what}{hint}")
     return ckpt
+
+
+def check_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
+    """The metadata of a checkpoint of ours must describe a model we can rebuild."""
+    names = ckpt["class_names"]
+    if not (isinstance(names, list) and names and all(isinstance(n, str) for n in names)):
+        raise CheckpointError(f"{path}: class_names is not a list of names")
+    kwargs = ckpt["model_kwargs"]
+    if not isinstance(kwargs, dict):
+        raise CheckpointError(f"{path}: model_kwargs is not a dict")
+    if kwargs.get("num_classes", len(names)) != len(names):
+        raise CheckpointError(f"{path}: {len(names)} class names but the model has "
+                              f"num_classes={kwargs.get('num_classes')}")
+    if len(ckpt["mean"]) != 3 or len(ckpt["std"]) != 3 or int(ckpt["img_size"]) < 1:
+        raise CheckpointError(f"{path}: mean/std need 3 values and img_size must be positive")
+
+
+def choose_weights(ckpt: dict, mode: str, path: str | os.PathLike) -> tuple[dict, str]:
+    """``(state dict, "raw" or "EMA")`` of a checkpoint of ours. ``mode``: ``auto`` (the
+    weights that were best in training, see ``best_source``), ``model`` or ``ema``."""
+    ema = ckpt.get("model_ema")
+    if mode == "ema":
+        if not ema:
+            raise CheckpointError(f"{path} has no EMA weights (trained with --ema-decay 0)")
+        return ema, "EMA"
+    if mode == "auto" and ckpt.get("best_source") == "ema" and ema:
+        return ema, "EMA"
+    return ckpt["model"], "raw"
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict:

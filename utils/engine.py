@@ -2,9 +2,11 @@
 
 ``train_one_epoch`` and ``validate`` return dicts of metrics (summed over all ranks
 under DDP). Models may return a tuple of heads in training mode (GroupMamba with
-distillation returns ``(head, dist_head)``): each head is trained on the labels and the
-loss is their mean; accuracy uses the mean of the heads' logits, which is what such a
-model returns in eval mode.
+distillation returns ``(head, dist_head)``): without a teacher each head is trained on
+the labels and the loss is their mean; with one (``distill``, a
+``utils.distillation.DistillationLoss``) ``head`` learns the labels and ``dist_head``
+the teacher, and the loss is DeiT's mix of the two. Accuracy uses the mean of the heads'
+logits, which is what such a model returns in eval mode.
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
                     optimizer: torch.optim.Optimizer, scheduler, precision: Precision,
                     env: DistEnv, epoch: int, num_classes: int, *,
                     mixup_fn: Optional[Callable] = None, ema=None, clip_grad: float = 0.0,
-                    max_batches: Optional[int] = None, global_step: int = 0) -> dict:
+                    max_batches: Optional[int] = None, global_step: int = 0,
+                    distill: Optional[Callable] = None) -> dict:
     """Train for one epoch (``epoch`` is 1-based, for messages). Raises
-    NonFiniteLossError at the first NaN/inf loss, before the weights are touched."""
+    NonFiniteLossError at the first NaN/inf loss, before the weights are touched.
+    ``distill(images, outputs, targets)``, when given, replaces ``criterion`` (it wraps
+    it) and runs the teacher on the same, already mixed, images under the same autocast."""
     model.train()
     loss_m, acc1_m, acc5_m, gnorm_m = (AverageMeter(n) for n in ("loss", "acc1", "acc5", "gn"))
     k5 = min(5, num_classes)
@@ -71,8 +76,11 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
             images, target = mixup_fn(images, target)
         with precision.autocast():
             outputs = model(images)
-            heads = _heads(outputs)
-            loss = sum(criterion(h, target) for h in heads) / len(heads)
+            if distill is not None:
+                loss = distill(images, outputs, target)
+            else:
+                heads = _heads(outputs)
+                loss = sum(criterion(h, target) for h in heads) / len(heads)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             bar.close()

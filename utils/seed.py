@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import numpy as np
@@ -47,3 +48,14 @@ def set_rng_state(state: dict | None) -> bool:
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
     return True
+
+
+@contextlib.contextmanager
+def preserved_rng():
+    """Run a block without changing the random streams seen after it (e.g. building or
+    evaluating a teacher must not change the student's weights or augmentation)."""
+    state = get_rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
