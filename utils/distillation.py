@@ -60,7 +60,7 @@ from torch import nn
 from utils.checkpoint import (CheckpointError, INFERENCE_KEYS, check_checkpoint,
                               choose_weights, classifier_names, clean_state_dict,
                               extract_state_dict, load_checkpoint, to_plain)
-from utils.modeling import (ModelConfigError, check_model_name, create_model, import_models,
+from utils.modeling import (ModelConfigError, check_model_name, create_model,
                             is_groupmamba, load_for_inference)
 from utils.seed import preserved_rng
 
@@ -237,7 +237,6 @@ def _groupmamba_variant(state: Mapping[str, Any]) -> Optional[tuple[str, dict]]:
     head = state.get("head.weight")
     if not isinstance(head, torch.Tensor) or head.dim() != 2:
         return None
-    import_models(required=True)
     import timm
     kwargs = {"num_classes": int(head.shape[0]),
               "distillation": "dist_head.weight" in state}

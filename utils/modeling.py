@@ -1,19 +1,19 @@
 """Build a classifier by timm name and load starting weights into it.
 
-``groupmamba_*`` names come from this repository's ``models`` package (imported on
-demand, which registers them with timm) and take ``scan_backend``; any other timm
-name works too (without pretrained downloads: weights come from a file).
+``groupmamba_*`` names come from this repository's ``models`` package (importing it
+registers them with timm) and take ``scan_backend``; any other timm name works too
+(without pretrained downloads: weights come from a file).
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Mapping, Optional
 
 import timm
 import torch
 
+import models
 from utils.checkpoint import (CheckpointError, extract_state_dict, load_checkpoint,
                               load_weights_dropping_head)
 
@@ -28,17 +28,6 @@ def is_groupmamba(name: str) -> bool:
     return name.lower().startswith("groupmamba")
 
 
-def import_models(required: bool):
-    """Import the repo's ``models`` package (registers groupmamba_* with timm)."""
-    try:
-        return importlib.import_module("models")
-    except Exception as exc:
-        if required:
-            raise SystemExit(f"error: cannot import the models package needed for "
-                             f"GroupMamba models: {type(exc).__name__}: {exc}") from exc
-        return None
-
-
 def set_scan_backend(backend: Optional[str]) -> None:
     """Export GROUPMAMBA_SCAN_BACKEND so every GroupMamba module built later sees it."""
     if backend:
@@ -48,8 +37,7 @@ def set_scan_backend(backend: Optional[str]) -> None:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ModelConfigError unless timm knows ``name`` (after importing ``models``)."""
-    import_models(required=is_groupmamba(name))
+    """Raise ModelConfigError unless timm knows ``name``."""
     if not timm.is_model(name):
         close = timm.list_models(f"*{name}*")[:8]
         raise ModelConfigError(f"unknown model {name!r}"
@@ -92,10 +80,6 @@ def load_pretrained(model: torch.nn.Module, name: str, path: str) -> str:
     """Starting weights from an official release file or one of our checkpoints; the
     head is re-initialised when the class count differs. Returns a log line."""
     if is_groupmamba(name):
-        models = import_models(required=True)
-        if not hasattr(models, "load_pretrained"):
-            raise SystemExit("error: models.load_pretrained is missing; cannot load "
-                             f"{path} into {name}")
         try:
             result = models.load_pretrained(model, path)
         except (OSError, RuntimeError, ValueError, KeyError) as exc:
