@@ -22,6 +22,12 @@ What one run does
   prob 0.1, switch prob 0.5, batch mode, label smoothing 0.1) with
   ``SoftTargetCrossEntropy``; with Mixup off, ``LabelSmoothingCrossEntropy``. The last
   incomplete training batch is dropped (batch-mode Mixup needs an even batch).
+* Small data sets on the GPU (--gpu-data, utils/gpu_data.py): every image decoded
+  once, kept as uint8 on the device and augmented there in batches with the same
+  recipe and shuffle. Off by default for now (not yet measured on a GPU); auto: on
+  for CUDA when the images take < 25 % of free GPU memory, off on CPU; ``on`` works
+  on any device. args.json's ``run.data_path``
+  says which path ran.
 * AdamW, cosine learning rate with linear warm-up stepped every iteration, gradient
   clipping (--clip-grad), mixed precision (--amp: bf16 on a GPU that has it, off on
   CPU; fp16 uses a GradScaler).
@@ -104,9 +110,12 @@ from utils.checkpoint import (RESUME_KEYS, FORMAT, CheckpointError, load_checkpo
 from utils.datasets import CHECK_MODES, DatasetError, ImageDataset, load_train_val
 from utils.distillation import (DISTILLATION_TYPES, DistillationLoss, describe,
                                 resolve_teacher_source, same_teacher_note, setup_teacher)
-from utils.distributed import (DistEnv, ShardSampler, barrier, cleanup_distributed,
-                               run_on_main, setup_distributed, unwrap_model, wrap_model)
+from utils.distributed import (DistEnv, ShardSampler, barrier, broadcast_object,
+                               cleanup_distributed, run_on_main, setup_distributed,
+                               unwrap_model, wrap_model)
 from utils.engine import NonFiniteLossError, predict_batches, train_one_epoch, validate
+from utils.gpu_data import (GPU_DATA_MODES, GpuLoader, build_gpu_loaders, choose_gpu_data,
+                            decoded_bytes, full_eval_loader)
 from utils.images import atomic_write_json, atomic_write_text
 from utils.metrics import classification_report_files, write_csv
 from utils.modeling import (SCAN_BACKENDS, ModelConfigError, check_model_name, create_model,
@@ -166,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many batches per validation pass, from a fixed "
                         "shuffled order so all classes are seen (unset: all; the final "
                         "report always uses all of val)")
+    # off by default until the CUDA side has been measured on a GPU (issue 5)
+    g.add_argument("--gpu-data", choices=GPU_DATA_MODES, default="off",
+                   help="decode every image once and keep them (uint8) on the device, "
+                        "augmenting there in batches (utils/gpu_data.py); auto: on for "
+                        "CUDA when they take < 25 %% of free GPU memory; on: any device")
 
     g = p.add_argument_group("model")
     g.add_argument("--model", default="groupmamba_tiny",
@@ -385,6 +399,17 @@ def scan_data(args):
 
 
 def build_loaders(args, train_split, val_split, mean, std, env: DistEnv):
+    """``(train loader, val loader, sampler with set_epoch, data path description)``."""
+    nbytes = decoded_bytes(len(train_split.samples) + len(val_split.samples), args.img_size)
+    # rank 0 decides for all (free memory may differ between GPUs)
+    on, why = broadcast_object(choose_gpu_data(args.gpu_data, env.device, nbytes), env)
+    val_order = ShardSampler(len(val_split.samples), env.rank, env.world_size, seed=args.seed)
+    if on:
+        per_rank = math.ceil(len(train_split.samples) / env.world_size)
+        _check_batch(len(train_split.samples), per_rank, args.batch_size, env)
+        train_loader, val_loader = build_gpu_loaders(args, train_split, val_split, mean, std,
+                                                     env, list(val_order))
+        return train_loader, val_loader, train_loader, f"GPU-resident data ({why})"
     train_ds = ImageDataset(train_split.samples, train_transform(
         args.img_size, mean, std, args.hflip, args.vflip, args.cutout))
     val_ds = ImageDataset(val_split.samples, eval_transform(args.img_size, mean, std))
@@ -392,22 +417,24 @@ def build_loaders(args, train_split, val_split, mean, std, env: DistEnv):
     # that a resumed run repeats exactly
     train_sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank,
                                        shuffle=True, seed=args.seed, drop_last=False)
-    if len(train_sampler) < args.batch_size:
-        raise SystemExit(
-            f"error: {len(train_ds)} training images"
-            + (f" ({len(train_sampler)} per process)" if env.distributed else "")
-            + f" are fewer than --batch-size {args.batch_size}; lower --batch-size "
-            "(the last incomplete batch is always dropped)")
+    _check_batch(len(train_ds), len(train_sampler), args.batch_size, env)
     # workers are not persistent: each epoch's workers are seeded from the main RNG,
     # which a checkpoint restores, so a resumed run augments exactly as an unbroken one
     common = dict(num_workers=args.workers, pin_memory=env.device.type == "cuda")
     train_loader = DataLoader(train_ds, batch_size=args.batch_size, sampler=train_sampler,
                               drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=args.batch_size,
-                            sampler=ShardSampler(len(val_ds), env.rank, env.world_size,
-                                                 seed=args.seed),
-                            **common)
-    return train_loader, val_loader, train_sampler
+                            sampler=val_order, **common)
+    return train_loader, val_loader, train_sampler, f"DataLoader ({why})"
+
+
+def _check_batch(n: int, per_rank: int, batch_size: int, env: DistEnv) -> None:
+    if per_rank < batch_size:
+        raise SystemExit(
+            f"error: {n} training images"
+            + (f" ({per_rank} per process)" if env.distributed else "")
+            + f" are fewer than --batch-size {batch_size}; lower --batch-size "
+            "(the last incomplete batch is always dropped)")
 
 
 def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher=None):
@@ -500,15 +527,19 @@ def checkpoint_state(args, t, state, class_names, mean, std, full: bool) -> dict
     }
 
 
-def final_report(args, t, val_split, mean, std, env: DistEnv, output: Path) -> None:
-    """Per-class report and confusion matrix on all of val with best.pth's weights."""
+def final_report(args, t, val_split, mean, std, env: DistEnv, output: Path,
+                 loader=None) -> None:
+    """Per-class report and confusion matrix on all of val with best.pth's weights
+    (``loader``: batches of all of val, e.g. GPU-resident; unset: a DataLoader)."""
     best = load_checkpoint(output / "best.pth", ("model", "class_names"))
     use_ema = best.get("best_source") == "ema" and best.get("model_ema") is not None
     model = unwrap_model(t["model"])
     model.load_state_dict(best["model_ema"] if use_ema else best["model"])
-    loader = DataLoader(ImageDataset(val_split.samples, eval_transform(args.img_size, mean, std)),
-                        batch_size=args.batch_size, num_workers=args.workers,
-                        pin_memory=env.device.type == "cuda")
+    if loader is None:
+        loader = DataLoader(
+            ImageDataset(val_split.samples, eval_transform(args.img_size, mean, std)),
+            batch_size=args.batch_size, num_workers=args.workers,
+            pin_memory=env.device.type == "cuda")
     y_true, y_pred = [], []
     for probs, (labels,) in predict_batches(model, loader, t["precision"], env.device,
                                             "report"):
@@ -565,7 +596,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
     # every input is checked before the output folder is created
     train_split, val_split = run_on_main(lambda: scan_data(args), env,
                                          errors=(DatasetError, OSError))
-    train_loader, val_loader, sampler = build_loaders(args, train_split, val_split, mean, std, env)
+    train_loader, val_loader, sampler, data_path = build_loaders(args, train_split, val_split,
+                                                                 mean, std, env)
     steps = len(train_loader) if args.max_train_batches is None else \
         min(len(train_loader), args.max_train_batches)
     teacher = None if teacher_source is None else setup_teacher(
@@ -579,6 +611,7 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
     classes = train_split.classes
     log.info("data %s: %d classes, %d train / %d val images; %s", args.data, len(classes),
              len(train_split.samples), len(val_split.samples), stats_msg)
+    log.info("data path: %s", data_path)
     if t["loaded"]:
         log.info(t["loaded"])
     skipped = train_split.skipped + val_split.skipped
@@ -612,7 +645,7 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             "device": str(env.device), "mode": env.mode, "world_size": env.world_size,
             "amp": t["precision"].mode, "num_classes": len(classes), "class_names": classes,
             "train_images": len(train_split.samples), "val_images": len(val_split.samples),
-            "steps_per_epoch": steps, "mean": mean, "std": std,
+            "steps_per_epoch": steps, "mean": mean, "std": std, "data_path": data_path,
             "torch": torch.__version__, "python": platform.python_version(),
             "teacher": to_plain(t["teacher"].info) if t["teacher"] else None}})
 
@@ -675,7 +708,9 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
 
     barrier(env)
     if env.is_main:
-        final_report(args, t, val_split, mean, std, env, output)
+        final_report(args, t, val_split, mean, std, env, output,
+                     full_eval_loader(val_loader) if isinstance(val_loader, GpuLoader)
+                     else None)
         log.info("done: %s (best ACC1 %.2f %% at epoch %d, %s weights)", output,
                  state["best_acc1"], state["best_epoch"], state["best_source"])
 

@@ -1,0 +1,200 @@
+"""GPU-resident data for small data sets (DESIGN habit 9, hlb-CIFAR10 style).
+
+Every image is decoded once (``utils.images.open_rgb``), resized to ``img_size`` x
+``img_size`` with the same ``Resize`` as the DataLoader path, and kept as one uint8
+tensor ``(N, 3, H, W)`` on the device. Batches are then augmented on the device, in
+batches, with the DataLoader path's recipe (``utils.transforms.train_transform``):
+random horizontal/vertical flips per sample, scaling to 0..1 and normalisation, then
+Cutout matching torchvision's ``RandomErasing(p, scale=(0.02, 0.4), ratio=(0.4, 2.5),
+value='random')`` per sample (one rectangle per image, drawn as a mask). Mixup/CutMix
+stay in the training loop. Validation batches are only normalised.
+
+Shuffling repeats ``DistributedSampler(shuffle=True, seed, drop_last=False)`` exactly:
+a permutation from a generator seeded with ``seed + epoch``, padded with its own start
+to a multiple of the world size, rank r taking positions r, r + world, ... ; the last
+incomplete batch is dropped. The random augmentation draws from the device's global
+generator, which checkpoints save, so --resume continues exactly.
+
+``GpuLoader`` looks like a DataLoader to ``utils.engine`` (``len`` and iteration
+yielding ``(images, labels)``) and like a sampler to train.py (``set_epoch``).
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torchvision import transforms as T
+
+from utils.images import open_rgb
+
+GPU_DATA_MODES = ("auto", "on", "off")
+AUTO_FRACTION = 0.25  # auto: on when the decoded images take less than this of free memory
+CUTOUT_SCALE = (0.02, 0.4)
+CUTOUT_RATIO = (0.4, 2.5)
+
+
+def decoded_bytes(num_images: int, img_size: int) -> int:
+    return int(num_images) * 3 * int(img_size) ** 2
+
+
+def choose_gpu_data(mode: str, device: torch.device, nbytes: int) -> tuple[bool, str]:
+    """``(use it, why)``; auto: on for CUDA when ``nbytes`` < AUTO_FRACTION of free memory."""
+    if mode == "on":
+        return True, "--gpu-data on"
+    if mode == "off":
+        return False, "--gpu-data off"
+    if device.type != "cuda":
+        return False, f"--gpu-data auto on {device.type}"
+    free, _ = torch.cuda.mem_get_info(device)
+    verdict = "<" if nbytes < AUTO_FRACTION * free else ">="
+    return verdict == "<", (f"--gpu-data auto: {nbytes / 2**30:.2f} GiB of images {verdict} "
+                            f"{AUTO_FRACTION:.0%} of {free / 2**30:.1f} GiB free")
+
+
+def decode_images(samples: Sequence[tuple[str, int]], img_size: int, device: torch.device,
+                  threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images (N, 3, S, S), int64 labels (N,))`` on ``device``."""
+    resize = T.Resize((img_size, img_size), antialias=True)
+
+    def one(path: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(resize(open_rgb(path))).copy()).permute(2, 0, 1)
+
+    images = torch.empty((len(samples), 3, img_size, img_size), dtype=torch.uint8)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        for i, img in enumerate(pool.map(one, [p for p, _ in samples])):
+            images[i] = img
+    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
+    return images.to(device), labels.to(device)
+
+
+def shard_indices(n: int, epoch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> torch.Tensor:
+    """This rank's shuffled indices for ``epoch``, as DistributedSampler(drop_last=False)."""
+    gen = torch.Generator().manual_seed(int(seed) + int(epoch))
+    order = torch.randperm(n, generator=gen)
+    total = math.ceil(n / world_size) * world_size
+    if total > n:  # pad with the permutation's start (repeated if needed)
+        order = torch.cat([order] * math.ceil(total / n))[:total]
+    return order[rank:total:world_size]
+
+
+def flip_batch(x: torch.Tensor, hflip: float, vflip: float) -> torch.Tensor:
+    """Flip each image left-right with probability hflip and up-down with vflip."""
+    n = x.shape[0]
+    if hflip > 0:
+        m = (torch.rand(n, device=x.device) < hflip).view(n, 1, 1, 1)
+        x = torch.where(m, x.flip(-1), x)
+    if vflip > 0:
+        m = (torch.rand(n, device=x.device) < vflip).view(n, 1, 1, 1)
+        x = torch.where(m, x.flip(-2), x)
+    return x
+
+
+def cutout_masks(n: int, h: int, w: int, p: float, device, scale=CUTOUT_SCALE,
+                 ratio=CUTOUT_RATIO, attempts: int = 10) -> torch.Tensor:
+    """Bool masks (n, 1, h, w): one rectangle per erased image, drawn like
+    RandomErasing.get_params (10 attempts; the first that fits is used; none: no erase)."""
+    area = h * w
+    erase_area = area * torch.empty(n, attempts, device=device).uniform_(*scale)
+    log_r = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]),
+                                                             math.log(ratio[1]))
+    aspect = log_r.exp()
+    eh = (erase_area * aspect).sqrt().round().long()
+    ew = (erase_area / aspect).sqrt().round().long()
+    fits = (eh < h) & (ew < w)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.zeros_like(fits[:, 0],
+                                                                                dtype=torch.long))
+    eh = eh.gather(1, first[:, None]).squeeze(1)
+    ew = ew.gather(1, first[:, None]).squeeze(1)
+    do = (torch.rand(n, device=device) < p) & fits.any(1)
+    top = (torch.rand(n, device=device) * (h - eh + 1)).long()
+    left = (torch.rand(n, device=device) * (w - ew + 1)).long()
+    rows = torch.arange(h, device=device)[None, :]
+    cols = torch.arange(w, device=device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & do[:, None, None]
+    return mask[:, None]
+
+
+def cutout_batch(x: torch.Tensor, p: float) -> torch.Tensor:
+    """RandomErasing(p, value='random') per image of a normalised float batch."""
+    if p <= 0:
+        return x
+    mask = cutout_masks(x.shape[0], x.shape[-2], x.shape[-1], p, x.device)
+    return torch.where(mask, torch.randn_like(x), x)
+
+
+def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float, scaled to 0..1 and normalised like ToTensor+Normalize."""
+    return (x.float().div_(255) - mean) / std
+
+
+class GpuLoader:
+    """Batches from device-resident uint8 images (train: shuffled shard, augmented,
+    last incomplete batch dropped; eval: a fixed order, all images, normalised only)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 mean, std, *, train: bool, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, order: Optional[Sequence[int]] = None,
+                 hflip: float = 0.0, vflip: float = 0.0, cutout: float = 0.0):
+        self.images, self.labels, self.batch_size = images, labels, int(batch_size)
+        self.mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
+        self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
+        self.hflip, self.vflip, self.cutout = hflip, vflip, cutout
+        self.order = None if order is None else torch.as_tensor(list(order), dtype=torch.long)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def num_samples(self) -> int:
+        n = len(self.labels)
+        return math.ceil(n / self.world_size) if self.train else len(self.order)
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples() // self.batch_size
+        return math.ceil(self.num_samples() / self.batch_size)
+
+    def indices(self) -> torch.Tensor:
+        if self.train:
+            return shard_indices(len(self.labels), self.epoch, self.seed, self.rank,
+                                 self.world_size)
+        return self.order
+
+    def __iter__(self):
+        idx = self.indices().to(self.images.device)
+        for b in range(len(self)):
+            sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[sel]
+            if self.train:
+                x = flip_batch(x, self.hflip, self.vflip)
+            x = normalize_batch(x, self.mean, self.std)
+            if self.train:
+                x = cutout_batch(x, self.cutout)
+            yield x, self.labels[sel]
+
+
+def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):
+    """Train and val GpuLoaders on ``env.device`` (decodes every image once)."""
+    threads = max(2, args.workers)
+    tx, ty = decode_images(train_split.samples, args.img_size, env.device, threads)
+    vx, vy = decode_images(val_split.samples, args.img_size, env.device, threads)
+    train = GpuLoader(tx, ty, args.batch_size, mean, std, train=True, seed=args.seed,
+                      rank=env.rank, world_size=env.world_size, hflip=args.hflip,
+                      vflip=args.vflip, cutout=args.cutout)
+    val = GpuLoader(vx, vy, args.batch_size, mean, std, train=False, order=val_order)
+    return train, val
+
+
+def full_eval_loader(loader: GpuLoader) -> GpuLoader:
+    """Every image of an eval GpuLoader, in file order (for the final report)."""
+    return GpuLoader(loader.images, loader.labels, loader.batch_size,
+                     loader.mean.flatten().tolist(), loader.std.flatten().tolist(),
+                     train=False, order=range(len(loader.labels)))
