@@ -18,6 +18,7 @@ import torch.nn as nn
 import models
 from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, to_sequence
 from models.csms6s import SCAN_DIRECTIONS
+from models.ss2d import can_batch
 from reference_data import NUMERICS_FILE, SHAPES_FILE, TOLERANCE, gradient_mismatches, rel_error, run_reference
 
 VARIANTS = ("groupmamba_tiny", "groupmamba_small", "groupmamba_base")
@@ -137,6 +138,32 @@ def test_non_square_input_runs_forward_and_backward():
     (head.sum() + dist_head.sum()).backward()
     assert head.shape == dist_head.shape == (2, 5)
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_batched_groups_equal_per_group_scans():
+    """The one batched pipeline per layer computes what the four SS2Ds do one by one."""
+    model = small_model(num_classes=5).double().train()
+    images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    results = []
+    for batched in (False, True):
+        for layer in model.modules():
+            if isinstance(layer, models.GroupMambaLayer):
+                layer.batch_groups = batched
+        model.zero_grad()
+        head, dist_head = model(images)
+        (head.sum() + dist_head.sum()).backward()
+        results.append((head.detach(), dist_head.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (head0, dist0, grads0), (head1, dist1, grads1) = results
+    assert torch.allclose(head1, head0, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(dist1, dist0, rtol=1e-10, atol=1e-12)
+    for name, grad in grads0.items():
+        assert torch.allclose(grads1[name], grad, rtol=1e-8, atol=1e-12), name
+
+
+def test_grouped_ss2d_falls_back_without_conv():
+    scans = [models.SS2D(8, d_conv=1, direction=direction) for direction in SCAN_DIRECTIONS]
+    assert not can_batch(scans)
+    assert can_batch([models.SS2D(8, direction=direction) for direction in SCAN_DIRECTIONS])
 
 
 # ----------------------------------------------------------------- timm API
