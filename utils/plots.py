@@ -32,17 +32,12 @@ def plot_curves(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
     """Loss (left) and top-1 accuracy (right) per epoch: train, val and EMA val."""
     epochs = [r["epoch"] for r in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label, style in (("train_loss", "train", "-o"), ("val_loss", "val", "-s"),
-                              ("ema_val_loss", "val (EMA)", "--^")):
-        ys = [r.get(key) for r in history]
-        if any(y is not None and y == y for y in ys):
-            ax_loss.plot(epochs, [np.nan if y is None else y for y in ys], style,
-                         label=label, markersize=3)
-    for key, label, style in (("train_acc1", "train", "-o"), ("val_acc1", "val", "-s"),
-                              ("ema_val_acc1", "val (EMA)", "--^")):
-        ys = [r.get(key) for r in history]
-        if any(y is not None and y == y for y in ys):
-            ax_acc.plot(epochs, [np.nan if y is None else y for y in ys], style,
+    series = (("train_", "train", "-o"), ("val_", "val", "-s"), ("ema_val_", "val (EMA)", "--^"))
+    for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc1")):
+        for prefix, label, style in series:
+            ys = [r.get(prefix + metric) for r in history]
+            if any(y is not None and y == y for y in ys):  # y == y: not NaN
+                ax.plot(epochs, [np.nan if y is None else y for y in ys], style,
                         label=label, markersize=3)
     ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="top-1 accuracy", xlabel="epoch", ylabel="ACC1 (%)")
