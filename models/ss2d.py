@@ -146,20 +146,34 @@ def can_batch(scans: Sequence[SS2D]) -> bool:
             and first.out_norm.bias is not None and all(config(s) == config(first) for s in scans))
 
 
-@functools.lru_cache(maxsize=64)
-def _scan_orders(directions: tuple[str, ...], height: int, width: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _build_scan_orders(directions: tuple[str, ...], height: int, width: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Per group, the grid position read at each step of its scan, and the inverse.
 
     ``order[g, t]`` is the row-major position that group ``g`` reads at step ``t``;
     gathering with it replaces the per-direction transpose/flatten/flip copies by
     one op for all groups. Both are ``(G, H * W)`` int64.
     """
+    grid = torch.arange(height * width, device=device).view(1, 1, height, width)
+    order = torch.stack([to_sequence(grid, direction).reshape(-1) for direction in directions])
+    return order, torch.argsort(order, dim=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_scan_orders(directions: tuple[str, ...], height: int, width: int,
+                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     # cached across calls, so never an inference tensor (autograd could not save it)
     with torch.inference_mode(False):
-        grid = torch.arange(height * width, device=device).view(1, 1, height, width)
-        order = torch.stack([to_sequence(grid, direction).reshape(-1) for direction in directions])
-        return order, torch.argsort(order, dim=1)
+        return _build_scan_orders(directions, height, width, device)
+
+
+def _scan_orders(directions: tuple[str, ...], height: int, width: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():
+        # traced into the graph instead (a handful of index ops the compiler folds);
+        # a Python-level cache is invisible to the compiled code
+        return _build_scan_orders(directions, height, width, device)
+    return _cached_scan_orders(directions, height, width, device)
 
 
 def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -54,7 +54,8 @@ def _scan_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # even steps from their odd predecessor: h_{2i} = a_{2i} * h_{2i-1} + b_{2i}
     h[..., 0] = b[..., 0]
     if length > 2:
-        torch.addcmul(b[..., 2::2], a[..., 2::2], h[..., 1:-1:2], out=h[..., 2::2])
+        # assigned, not out=: torch.compile refuses out= into a strided view
+        h[..., 2::2] = torch.addcmul(b[..., 2::2], a[..., 2::2], h[..., 1:-1:2])
     return h
 
 
