@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 import math
+from argparse import Namespace
 
+import pytest
 import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from PIL import Image
 from torch.utils.data import DistributedSampler
+from torchvision import transforms as T
 
 from tests.test_train_test import TINY, read_csv, source, split, train_script  # noqa: F401
-from utils.gpu_data import (CUTOUT_RATIO, CUTOUT_SCALE, GpuLoader, choose_gpu_data,
-                            cutout_masks, decode_images, flip_batch, shard_indices)
+from utils.gpu_data import (CROP_RATIO, CUTOUT_RATIO, CUTOUT_SCALE, GpuLoader, augment_args,
+                            choose_gpu_data, compose_theta, cutout_masks, decode_images,
+                            flip_batch, random_affine_theta, shard_indices, warp_batch)
 from utils.images import open_rgb
-from utils.transforms import eval_transform
+from utils.transforms import eval_transform, train_transform
 
 
 def test_flips_exact_per_sample():
@@ -160,3 +167,149 @@ def test_train_gpu_data_max_train_batches(train_script, tmp_path, split):  # noq
     args = json.loads((out / "args.json").read_text())
     assert args["run"]["steps_per_epoch"] == 1
     assert (out / "best.pth").is_file()
+
+
+# --- random resized crop and rotation (the affine path) ---------------------------------
+
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return (x.float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / \
+        torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def one_theta(h, w, top=0, left=0, ch=None, cw=None, angle_deg=0.0, hflip=False,
+              vflip=False):
+    """theta (1, 2, 3) for fixed parameters."""
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    return compose_theta(t(top), t(left), t(h if ch is None else ch), t(w if cw is None else cw),
+                         torch.tensor([hflip]), torch.tensor([vflip]),
+                         t(math.radians(angle_deg)), h, w)
+
+
+def test_identity_crop_reproduces_pixels_up_to_flips():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 12, 12), dtype=torch.uint8)
+    # scale given forces the warp; the full-image square crop is the identity
+    loader = GpuLoader(x, torch.arange(64), 64, MEAN, STD, train=True, hflip=0.5, vflip=0.5,
+                       scale=(1, 1), ratio=(1, 1))
+    (y, order), = loader
+    ref = normalized(x)[order]
+    kinds = []
+    for a, b in zip(ref, y):
+        options = [a, a.flip(-1), a.flip(-2), a.flip(-1).flip(-2)]
+        kinds += [i for i, o in enumerate(options) if (o - b).abs().max() < 1e-4]
+    assert len(kinds) == 64 and len(set(kinds)) == 4  # one match each, all kinds seen
+
+
+def test_rotation_matches_rot90_and_torchvision():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 12, 12) * 255  # asymmetric
+    y = warp_batch(x, one_theta(12, 12, angle_deg=90).expand(2, 2, 3))
+    assert (y - torch.rot90(x, 1, (-2, -1))).abs().max() < 1e-3
+    # the same sense and centre as the DataLoader path's RandomRotation, also for h != w
+    x = torch.rand(1, 3, 12, 16) * 255
+    y = warp_batch(x, one_theta(12, 16, angle_deg=30))
+    ref = TF.rotate(x, 30.0, T.InterpolationMode.BILINEAR)
+    assert (y - ref)[..., 3:-3, 3:-3].abs().max() < 1e-3
+    # outside the rotated image is black (fill=0)
+    white = torch.full((1, 3, 16, 16), 255.0)
+    y = warp_batch(white, one_theta(16, 16, angle_deg=45))
+    assert y[..., 0, 0].max() == 0 and y[..., 8, 8].min() > 254.9
+
+
+def test_crop_is_an_upsampled_window_like_resized_crop():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 10, 10) * 255
+    for top, left, ch, cw in ((0, 0, 5, 5), (2, 3, 5, 4), (5, 5, 5, 5)):
+        y = warp_batch(x, one_theta(10, 10, top, left, ch, cw))
+        ref = TF.resized_crop(x, top, left, ch, cw, [10, 10], T.InterpolationMode.BILINEAR,
+                              antialias=True)
+        # the border pixels of an interior crop also see the neighbouring pixels
+        assert (y - ref)[..., 1:-1, 1:-1].abs().max() < 1e-3
+    # random quarter-area squares: each output is a 2x upsampling of some 8x8 window
+    img = torch.rand(1, 3, 16, 16) * 255
+    windows = {(t, l): F.interpolate(img[..., t:t + 8, l:l + 8], scale_factor=2,
+                                     mode="bilinear", align_corners=False)
+               for t in range(9) for l in range(9)}
+    theta = random_affine_theta(200, 16, 16, "cpu", scale=(0.25, 0.25), ratio=(1, 1))
+    out = warp_batch(img.expand(200, -1, -1, -1), theta)
+    found = set()
+    for y in out:
+        match = [k for k, w in windows.items() if (w[0] - y)[:, 1:-1, 1:-1].abs().max() < 1e-3]
+        assert len(match) == 1
+        found.add(match[0])
+    assert len(found) > 40  # positions spread over the 81 possible
+
+
+def test_random_theta_statistics():
+    torch.manual_seed(0)
+    n, h, w, lo, hi = 4000, 32, 32, 0.2, 0.6
+    theta = random_affine_theta(n, h, w, "cpu", scale=(lo, hi), ratio=CROP_RATIO)
+    sx, sy, tx, ty = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
+    area = sx * sy
+    assert lo < area.mean() < hi and abs(area.mean() - (lo + hi) / 2) < 0.02
+    assert area.min() > lo * 0.9 and area.max() < hi * 1.1  # up to rounding to pixels
+    assert area.min() < lo * 1.05 and area.max() > hi * 0.95
+    aspect = sx / sy  # width / height
+    assert aspect.min() > CROP_RATIO[0] * 0.9 and aspect.max() < CROP_RATIO[1] * 1.1
+    # inside the image, and positions spread across it
+    assert ((tx.abs() + sx) <= 1 + 1e-6).all() and ((ty.abs() + sy) <= 1 + 1e-6).all()
+    assert tx.min() < -0.3 and tx.max() > 0.3
+    # a box that cannot fit (twice as wide as the image) is clamped to it
+    wide = random_affine_theta(100, h, w, "cpu", scale=(1, 1), ratio=(4, 4))
+    assert ((wide[:, 0, 2].abs() + wide[:, 0, 0]) <= 1 + 1e-6).all()
+    assert torch.allclose(wide[:, 0, 0], torch.ones(100))
+
+    theta = random_affine_theta(n, h, w, "cpu", rotate=25.0)
+    angle = torch.atan2(theta[:, 1, 0], theta[:, 0, 0]).rad2deg()
+    assert angle.abs().max() <= 25 + 1e-4 and angle.min() < -24 and angle.max() > 24
+    assert abs(angle.mean()) < 1.5
+    assert torch.allclose(theta[:, :, 2], torch.zeros(n, 2))  # about the centre
+
+    theta = random_affine_theta(n, h, w, "cpu", hflip=0.5, vflip=0.2)
+    assert abs((theta[:, 0, 0] < 0).float().mean() - 0.5) < 0.04
+    assert abs((theta[:, 1, 1] < 0).float().mean() - 0.2) < 0.04
+
+
+def test_affine_path_deterministic_per_seed():
+    x = torch.randint(0, 256, (16, 3, 12, 12), dtype=torch.uint8)
+
+    def batches(seed):
+        torch.manual_seed(seed)
+        loader = GpuLoader(x, torch.arange(16), 8, MEAN, STD, train=True, hflip=0.5,
+                           vflip=0.5, cutout=0.5, scale=(0.3, 1), rotate=20)
+        return [b for b, _ in loader]
+
+    a, b, c = batches(3), batches(3), batches(4)
+    assert len(a) == 2 and all(u.shape == (8, 3, 12, 12) for u in a)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_train_transform_crop_rotate_and_bad_values():
+    img = Image.new("RGB", (50, 30), (200, 100, 50))
+    tf = train_transform(24, MEAN, STD, scale=(0.3, 1.0), ratio=(0.5, 2.0), rotate=15)
+    kinds = [type(step) for step in tf.transforms]
+    assert kinds[0] is T.RandomResizedCrop and T.RandomRotation in kinds
+    rot = tf.transforms[kinds.index(T.RandomRotation)]
+    assert rot.degrees == [-15.0, 15.0] and rot.interpolation == T.InterpolationMode.BILINEAR
+    assert tf(img).shape == (3, 24, 24)
+    plain = [type(step) for step in train_transform(24, MEAN, STD).transforms]
+    assert plain[0] is T.Resize and T.RandomRotation not in plain
+    bad = [dict(scale=(0, 1)), dict(scale=(0.6, 0.5)), dict(scale=(0.5, 1.5)),
+           dict(scale=(0.5,)), dict(ratio=(0, 1)), dict(ratio=(2, 1)), dict(rotate=-1),
+           dict(rotate=181)]
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    for kw in bad:
+        with pytest.raises(ValueError):
+            train_transform(24, MEAN, STD, **kw)
+        with pytest.raises(ValueError):
+            GpuLoader(x, torch.arange(2), 2, MEAN, STD, train=True, **kw)
+
+
+def test_augment_args_from_train_flags():
+    assert augment_args(Namespace()) == dict(scale=None, ratio=CROP_RATIO, rotate=0.0)
+    args = Namespace(scale=[0.08, 1.0], ratio=[0.5, 2.0], rotate=10.0)
+    assert augment_args(args) == dict(scale=(0.08, 1.0), ratio=(0.5, 2.0), rotate=10.0)

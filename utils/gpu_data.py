@@ -9,6 +9,16 @@ Cutout matching torchvision's ``RandomErasing(p, scale=(0.02, 0.4), ratio=(0.4, 
 value='random')`` per sample (one rectangle per image, drawn as a mask). Mixup/CutMix
 stay in the training loop. Validation batches are only normalised.
 
+With a random resized crop (``scale``/``ratio``) or a rotation (``rotate`` degrees) the
+crop, the flips and the rotation of each sample are folded into one affine matrix and
+the batch is warped once (``affine_grid`` + bilinear ``grid_sample``, black outside
+the image) on float pixels, before normalisation. The crop is drawn like
+``RandomResizedCrop.get_params``'s first attempt (clamped to the image when it does
+not fit, instead of retrying); unlike the DataLoader path it crops the stored
+``img_size`` square, not the original image, so the aspect ratio is relative to the
+squashed image. Crops never shrink, so no antialiasing is lost. Without crop and
+rotation the flips stay exact pixel flips (``flip_batch``).
+
 Shuffling repeats ``DistributedSampler(shuffle=True, seed, drop_last=False)`` exactly:
 a permutation from a generator seeded with ``seed + epoch``, padded with its own start
 to a multiple of the world size, rank r taking positions r, r + world, ... ; the last
@@ -27,14 +37,17 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import transforms as T
 
 from utils.images import open_rgb
+from utils.transforms import check_augment
 
 GPU_DATA_MODES = ("auto", "on", "off")
 AUTO_FRACTION = 0.25  # auto: on when the decoded images take less than this of free memory
 CUTOUT_SCALE = (0.02, 0.4)
 CUTOUT_RATIO = (0.4, 2.5)
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect ratios
 
 
 def decoded_bytes(num_images: int, img_size: int) -> int:
@@ -129,8 +142,71 @@ def cutout_batch(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(mask, torch.randn_like(x), x)
 
 
+def crop_boxes(n: int, h: int, w: int, scale, ratio, device) -> tuple[torch.Tensor, ...]:
+    """``(top, left, height, width)`` float tensors (n,) in pixels, drawn like
+    RandomResizedCrop.get_params's first attempt; a box too big is clamped to the image."""
+    area = h * w * torch.empty(n, device=device).uniform_(*scale)
+    aspect = torch.empty(n, device=device).uniform_(math.log(ratio[0]),
+                                                    math.log(ratio[1])).exp()
+    ch = (area / aspect).sqrt().round().clamp(1, h)
+    cw = (area * aspect).sqrt().round().clamp(1, w)
+    top = (torch.rand(n, device=device) * (h - ch + 1)).floor()
+    left = (torch.rand(n, device=device) * (w - cw + 1)).floor()
+    return top, left, ch, cw
+
+
+def compose_theta(top, left, ch, cw, hflip, vflip, angle, h: int, w: int) -> torch.Tensor:
+    """``affine_grid`` theta (n, 2, 3) for an h x w output of an h x w input that is
+    cropped to the box, flipped where ``hflip``/``vflip`` (bool), then rotated by
+    ``angle`` radians counter-clockwise (torchvision's sense), about the centre.
+
+    theta maps output to input coordinates (-1..1, align_corners=False), so the steps
+    compose in reverse: inverse rotation, then flip, then the crop's scale and shift."""
+    cos, sin = angle.cos(), angle.sin()
+    # inverse rotation in pixels, rescaled to normalised coordinates (h != w)
+    r0 = torch.stack([cos, -sin * (h / w)], -1)
+    r1 = torch.stack([sin * (w / h), cos], -1)
+    sx = (cw / w) * (1 - 2 * hflip.to(cw.dtype))
+    sy = (ch / h) * (1 - 2 * vflip.to(ch.dtype))
+    tx = (2 * left + cw) / w - 1  # crop centre
+    ty = (2 * top + ch) / h - 1
+    row0 = torch.cat([sx[:, None] * r0, tx[:, None]], -1)
+    row1 = torch.cat([sy[:, None] * r1, ty[:, None]], -1)
+    return torch.stack([row0, row1], 1)
+
+
+def random_affine_theta(n: int, h: int, w: int, device, *, scale=None, ratio=CROP_RATIO,
+                        hflip: float = 0.0, vflip: float = 0.0,
+                        rotate: float = 0.0) -> torch.Tensor:
+    """theta (n, 2, 3) of a random resized crop (``scale`` None: the whole image), flips
+    and a rotation uniform in [-rotate, rotate] degrees, all from the global generator."""
+    if scale is None:
+        zero = torch.zeros(n, device=device)
+        top, left, ch, cw = zero, zero, zero + h, zero + w
+    else:
+        top, left, ch, cw = crop_boxes(n, h, w, scale, ratio, device)
+    flip_h = torch.rand(n, device=device) < hflip
+    flip_v = torch.rand(n, device=device) < vflip
+    angle = torch.empty(n, device=device).uniform_(-rotate, rotate).deg2rad_()
+    return compose_theta(top, left, ch, cw, flip_h, flip_v, angle, h, w)
+
+
+def warp_batch(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Float images (N, C, H, W) sampled through theta at the same size, bilinear, black
+    outside. A one-pixel edge border first: an upsampled crop at the image edge samples
+    up to half a pixel outside, which should see the edge (as a resize does), not black."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    # the same points in the padded image's normalised coordinates
+    theta = theta * theta.new_tensor([w / (w + 2), h / (h + 2)]).view(1, 2, 1)
+    grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
+    return F.grid_sample(padded, grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)
+
+
 def normalize_batch(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 3, H, W) -> float, scaled to 0..1 and normalised like ToTensor+Normalize."""
+    """uint8 (or float 0..255) (N, 3, H, W) -> float, scaled to 0..1 and normalised
+    like ToTensor+Normalize."""
     return (x.float().div_(255) - mean) / std
 
 
@@ -141,12 +217,14 @@ class GpuLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
                  mean, std, *, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, order: Optional[Sequence[int]] = None,
-                 hflip: float = 0.0, vflip: float = 0.0, cutout: float = 0.0):
+                 hflip: float = 0.0, vflip: float = 0.0, cutout: float = 0.0,
+                 scale=None, ratio=CROP_RATIO, rotate: float = 0.0):
         self.images, self.labels, self.batch_size = images, labels, int(batch_size)
         self.mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
         self.hflip, self.vflip, self.cutout = hflip, vflip, cutout
+        self.scale, self.ratio, self.rotate = check_augment(scale, ratio, rotate)
         self.order = None if order is None else torch.as_tensor(list(order), dtype=torch.long)
         self.epoch = 0
 
@@ -174,11 +252,32 @@ class GpuLoader:
             sel = idx[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[sel]
             if self.train:
-                x = flip_batch(x, self.hflip, self.vflip)
-            x = normalize_batch(x, self.mean, self.std)
-            if self.train:
-                x = cutout_batch(x, self.cutout)
+                x = self.augment(x)
+            else:
+                x = normalize_batch(x, self.mean, self.std)
             yield x, self.labels[sel]
+
+    def augment(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 training batch -> augmented, normalised float batch."""
+        if self.scale is None and self.rotate == 0:
+            x = flip_batch(x, self.hflip, self.vflip)  # exact flips, no resampling
+        else:
+            n, _, h, w = x.shape
+            theta = random_affine_theta(n, h, w, x.device, scale=self.scale,
+                                        ratio=self.ratio, hflip=self.hflip,
+                                        vflip=self.vflip, rotate=self.rotate)
+            # warp before normalising, so the zero fill is black as in torchvision
+            x = warp_batch(x.float(), theta)
+        x = normalize_batch(x, self.mean, self.std)
+        return cutout_batch(x, self.cutout)
+
+
+def augment_args(args) -> dict:
+    """Crop/rotation settings from train.py's args (absent or None: off / the default)."""
+    scale = getattr(args, "scale", None)
+    return dict(scale=None if scale is None else tuple(scale),
+                ratio=tuple(getattr(args, "ratio", None) or CROP_RATIO),
+                rotate=getattr(args, "rotate", None) or 0.0)
 
 
 def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):
@@ -188,7 +287,7 @@ def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):
     vx, vy = decode_images(val_split.samples, args.img_size, env.device, threads)
     train = GpuLoader(tx, ty, args.batch_size, mean, std, train=True, seed=args.seed,
                       rank=env.rank, world_size=env.world_size, hflip=args.hflip,
-                      vflip=args.vflip, cutout=args.cutout)
+                      vflip=args.vflip, cutout=args.cutout, **augment_args(args))
     val = GpuLoader(vx, vy, args.batch_size, mean, std, train=False, order=val_order)
     return train, val
 

@@ -1,11 +1,14 @@
 """Image transforms and the normalisation statistics they use.
 
-Training: resize to ``img_size`` x ``img_size``, random horizontal and vertical flips,
-to tensor, normalise, then Cutout. Cutout is torchvision's ``RandomErasing(p=0.5,
+Training: resize to ``img_size`` x ``img_size`` -- or, with ``scale=(lo, hi)``,
+``RandomResizedCrop(img_size, scale, ratio)`` instead -- random horizontal and vertical
+flips, with ``rotate > 0`` a ``RandomRotation(rotate)`` (bilinear, black fill), to
+tensor, normalise, then Cutout. Cutout is torchvision's ``RandomErasing(p=0.5,
 scale=(0.02, 0.4), ratio=(0.4, 2.5), value='random')`` -- the maintained equivalent of
 torchtoolbox's ``Cutout`` used by the tutorial (torchtoolbox fails to import with
 NumPy >= 1.24). It runs after normalisation so its random fill has the data's scale.
-Evaluation: resize, to tensor, normalise.
+Evaluation: resize, to tensor, normalise. ``utils.gpu_data`` repeats the training
+recipe on the device; ``check_augment`` validates the crop/rotation settings for both.
 
 Mean/std come from ``stats.json`` written by mean_std.py (``{"mean": [r, g, b],
 "std": [r, g, b]}``, values in 0..1); without that file ImageNet's are used, and
@@ -50,13 +53,47 @@ def load_stats(path: str | os.PathLike | None) -> tuple[list[float], list[float]
     return mean, std, f"normalising with mean/std from {path}"
 
 
+def check_augment(scale, ratio, rotate) -> tuple[tuple[float, float] | None,
+                                                  tuple[float, float], float]:
+    """``(scale, ratio, rotate)`` as tuples and float; ValueError for values out of range:
+    scale None or 0 < lo <= hi <= 1, ratio 0 < lo <= hi, rotate in [0, 180] degrees."""
+    def pair(name, value):
+        try:
+            lo, hi = (float(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{name} needs two numbers (lo, hi), got {value!r}") from exc
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+        return lo, hi
+
+    if scale is not None:
+        scale = pair("scale", scale)
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale needs 0 < lo <= hi <= 1 (area fractions), got {scale}")
+    ratio = pair("ratio", ratio)
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio needs 0 < lo <= hi (width/height), got {ratio}")
+    rotate = float(rotate)
+    if not 0 <= rotate <= 180:
+        raise ValueError(f"rotate must be in [0, 180] degrees, got {rotate}")
+    return scale, ratio, rotate
+
+
 def train_transform(img_size: int, mean, std, hflip: float = 0.5, vflip: float = 0.5,
-                    cutout: float = 0.5) -> T.Compose:
-    steps = [T.Resize((img_size, img_size), antialias=True)]
+                    cutout: float = 0.5, scale=None, ratio=(3 / 4, 4 / 3),
+                    rotate: float = 0.0) -> T.Compose:
+    scale, ratio, rotate = check_augment(scale, ratio, rotate)
+    if scale is None:
+        steps = [T.Resize((img_size, img_size), antialias=True)]
+    else:
+        steps = [T.RandomResizedCrop(img_size, scale=scale, ratio=ratio, antialias=True)]
     if hflip > 0:
         steps.append(T.RandomHorizontalFlip(hflip))
     if vflip > 0:
         steps.append(T.RandomVerticalFlip(vflip))
+    if rotate > 0:
+        steps.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR,
+                                      fill=0))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     if cutout > 0:
         steps.append(T.RandomErasing(p=cutout, scale=(0.02, 0.4), ratio=(0.4, 2.5),
