@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.amp import Precision
 from utils.distributed import DistEnv, all_reduce_sums, unwrap_model
-from utils.metrics import AverageMeter, topk_correct
+from utils.metrics import AverageMeter, topk_correct, topk_hits
 
 
 class NonFiniteLossError(RuntimeError):
@@ -59,15 +59,20 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
     ``distill(images, outputs, targets)``, when given, replaces ``criterion`` (it wraps
     it) and runs the teacher on the same, already mixed, images under the same autocast."""
     model.train()
-    loss_m, acc1_m, acc5_m, gnorm_m = (AverageMeter(n) for n in ("loss", "acc1", "acc5", "gn"))
+    loss_m = AverageMeter("loss")
     k5 = min(5, num_classes)
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = clip_grad if clip_grad > 0 else math.inf  # inf: measure, never clip
+    # top-1 hits, top-5 hits, sum of finite grad norms, their count: summed on the
+    # device, read once at the end (a host sync per value would stall the GPU)
+    sums = torch.zeros(4, device=env.device)
     start = time.perf_counter()
+    step = 0
     bar = _progress(steps, f"epoch {epoch} train", env)
     for step, (images, target) in enumerate(loader, start=1):
         if step > steps:
+            step = steps
             break
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
@@ -81,13 +86,15 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
             else:
                 heads = _heads(outputs)
                 loss = sum(criterion(h, target) for h in heads) / len(heads)
+
+        optimizer.zero_grad(set_to_none=True)
+        precision.scaler.scale(loss).backward()
+        # the step's one host sync, once the backward is queued; the weights are
+        # still untouched, so a NaN stops the run before it spoils them
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             bar.close()
             raise NonFiniteLossError(epoch, step, loss_value)
-
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
         precision.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         precision.scaler.step(optimizer)
@@ -97,30 +104,25 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
         if ema is not None:
             ema.update(unwrap_model(model), step=global_step)
 
-        n = images.shape[0]
         with torch.no_grad():
-            c1, c5 = topk_correct(_logits(outputs).float(), hard_target, (1, k5))
-        loss_m.update(loss_value, n)
-        acc1_m.update(100.0 * c1 / n, n)
-        acc5_m.update(100.0 * c5 / n, n)
-        gn = float(grad_norm)
-        if math.isfinite(gn):
-            gnorm_m.update(gn)
-        bar.set_postfix(loss=f"{loss_m.avg:.4f}", acc1=f"{acc1_m.avg:.1f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+            finite = torch.isfinite(grad_norm)
+            sums += torch.cat([topk_hits(_logits(outputs).float(), hard_target, (1, k5)),
+                               torch.where(finite, grad_norm, 0.0).view(1).float(),
+                               finite.view(1).float()])
+        loss_m.update(loss_value, images.shape[0])
+        bar.set_postfix(loss=f"{loss_m.avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
         bar.update(1)
     bar.close()
-    if env.device.type == "cuda":
-        torch.cuda.synchronize(env.device)
+    c1_local, c5_local, gn_sum, gn_count = sums.tolist()
     elapsed = time.perf_counter() - start
     loss_sum, c1_sum, c5_sum, count = all_reduce_sums(
-        [loss_m.sum, acc1_m.sum, acc5_m.sum, loss_m.count], env)
+        [loss_m.sum, c1_local, c5_local, loss_m.count], env)
     count = max(count, 1.0)
-    return {"loss": loss_sum / count, "acc1": c1_sum / count, "acc5": c5_sum / count,
-            "images": int(count), "steps": min(step, steps) if steps else 0,
+    return {"loss": loss_sum / count, "acc1": 100.0 * c1_sum / count,
+            "acc5": 100.0 * c5_sum / count, "images": int(count), "steps": step,
             "time_s": elapsed, "img_s": count / elapsed if elapsed > 0 else float("nan"),
-            "grad_norm": gnorm_m.avg, "lr": optimizer.param_groups[0]["lr"],
-            "global_step": global_step}
+            "grad_norm": gn_sum / gn_count if gn_count else float("nan"),
+            "lr": optimizer.param_groups[0]["lr"], "global_step": global_step}
 
 
 @torch.no_grad()

@@ -41,10 +41,15 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor,
 
     Each k is clamped to the class count, so "top-5" of a 3-class problem is top-3.
     """
+    return topk_hits(logits, target, ks).tolist()
+
+
+def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """:func:`topk_correct` as a float tensor on the logits' device (no host sync)."""
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices            # (B, maxk)
     hit = pred.eq(target.view(-1, 1))                  # (B, maxk)
-    return [float(hit[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hit[:, :min(k, maxk)].any(dim=1).sum() for k in ks]).float()
 
 
 def classification_report_files(y_true: Sequence[int], y_pred: Sequence[int],
