@@ -15,7 +15,8 @@ What one run does
   same classes. Missing folders, empty classes or differing class lists stop the run
   before training. Unreadable images are skipped with a warning and listed in
   ``skipped_images.txt`` (see ``--check-images``).
-* Augmentation: resize to --img-size, horizontal/vertical flips, Cutout
+* Augmentation: resize to --img-size (or, with --scale, a random resized crop; with
+  --rotate, a random rotation), horizontal/vertical flips, Cutout
   (torchvision RandomErasing, p=0.5, scale=(0.02, 0.4), ratio=(0.4, 2.5), random
   fill), normalisation with stats.json's mean/std (ImageNet's when absent), then
   Mixup/CutMix through timm's ``Mixup`` (the tutorial's values: mixup 0.8, cutmix 1.0,
@@ -24,10 +25,9 @@ What one run does
   incomplete training batch is dropped (batch-mode Mixup needs an even batch).
 * Small data sets on the GPU (--gpu-data, utils/gpu_data.py): every image decoded
   once, kept as uint8 on the device and augmented there in batches with the same
-  recipe and shuffle. Off by default for now (not yet measured on a GPU); auto: on
-  for CUDA when the images take < 25 % of free GPU memory, off on CPU; ``on`` works
-  on any device. args.json's ``run.data_path``
-  says which path ran.
+  recipe and shuffle. auto (the default): on for CUDA when the images take < 25 % of
+  free GPU memory, off on CPU; ``on`` works on any device. args.json's
+  ``run.data_path`` says which path ran.
 * AdamW, cosine learning rate with linear warm-up stepped every iteration, gradient
   clipping (--clip-grad), mixed precision (--amp: bf16 on a GPU that has it, off on
   CPU; fp16 uses a GradScaler).
@@ -58,9 +58,10 @@ Files written in --output (default runs/<YYYYmmdd-HHMMSS>)
 ``args.json``            the final arguments (after --preset/--resume) and run facts
 ``train.log``            the log printed on the console
 ``metrics.csv``          one row per epoch: lr, train loss/ACC1/ACC5, val and EMA-val
-                         loss/ACC1/ACC5 (accuracies in percent), best so far, speed
+                         loss/ACC1/ACC5 (accuracies in percent), best so far, speed,
+                         elapsed_s (wall seconds since the first step)
 ``curves.png``           loss and top-1 accuracy curves
-``last.pth``             everything needed to --resume (written every epoch)
+``last.pth``             everything needed to --resume (every --save-every epochs)
 ``best.pth``             the best weights (raw and EMA) and what test.py needs
 ``report.txt/.json``     per-class precision/recall/F1 on val, with best.pth's weights
 ``confusion_matrix.png`` confusion matrix on val, with best.pth's weights
@@ -71,6 +72,9 @@ weights_only=True)``. An existing non-empty --output is refused unless --resume
 points into it or --force is given (--force replaces only the file names above).
 
 Presets (--preset) change defaults only; flags given on the command line win.
+``fast``: the one-GPU short-schedule recipe of issue 5 (160 px, batch 128, lr 1e-3,
+3 warm-up epochs, 45 epochs, GPU-resident data, last.pth every 10 epochs); on one
+H200 it reached 92.4 % val ACC1 within 300 s (bench/RESULTS.md).
 ``quick``: 64 px images, 2 epochs of at most 40 batches of 32, at most 10 validation
 batches per pass (a fixed shuffled subset), no warm-up. On the 2-core CPU machine
 the whole quick start (makedata, mean_std, this training with groupmamba_tiny on
@@ -104,9 +108,10 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
+from kernels.selective_scan import resolve_backend
 from utils.amp import AMP_MODES, Precision
 from utils.checkpoint import (RESUME_KEYS, FORMAT, CheckpointError, load_checkpoint,
-                              save_checkpoint, to_plain)
+                              save_checkpoint, to_cpu, to_plain)
 from utils.datasets import CHECK_MODES, DatasetError, ImageDataset, load_train_val
 from utils.distillation import (DISTILLATION_TYPES, DistillationLoss, describe,
                                 resolve_teacher_source, same_teacher_note, setup_teacher)
@@ -124,13 +129,19 @@ from utils.modeling import (SCAN_BACKENDS, ModelConfigError, check_model_name, c
 from utils.optim import build_optimizer, build_scheduler
 from utils.plots import plot_confusion_matrix, plot_curves
 from utils.seed import get_rng_state, preserved_rng, seed_everything, set_rng_state
-from utils.transforms import eval_transform, load_stats, train_transform
+from utils.transforms import check_augment, eval_transform, load_stats, train_transform
 
 log = logging.getLogger("train")
 
 PRESETS = {
     "quick": {"img_size": 64, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0,
               "max_train_batches": 40, "max_val_batches": 10},
+    # time-to-accuracy recipe for one GPU (issue 5; figures in bench/RESULTS.md):
+    # 160 px, GPU-resident data, the tutorial's augmentation (heavier crops and
+    # rotations learned more slowly in short runs), a short warm-up, checkpoints
+    # every 10 epochs; --compile is left off: compiling costs minutes
+    "fast": {"img_size": 160, "batch_size": 128, "epochs": 45, "lr": 1e-3,
+             "warmup_epochs": 3.0, "gpu_data": "auto", "save_every": 10, "workers": 16},
 }
 # saved arguments that a resumed run does not inherit
 NOT_INHERITED = {"resume", "output", "force", "pretrained"}
@@ -140,7 +151,7 @@ OUTPUT_FILES = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss",
                  "val_acc1", "val_acc5", "ema_val_loss", "ema_val_acc1", "ema_val_acc5",
                  "best_acc1", "best_epoch", "best_source", "train_img_s", "epoch_time_s",
-                 "grad_norm")
+                 "elapsed_s", "grad_norm")
 
 
 # ------------------------------------------------------------------------ arguments
@@ -175,8 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most this many batches per validation pass, from a fixed "
                         "shuffled order so all classes are seen (unset: all; the final "
                         "report always uses all of val)")
-    # off by default until the CUDA side has been measured on a GPU (issue 5)
-    g.add_argument("--gpu-data", choices=GPU_DATA_MODES, default="off",
+    g.add_argument("--gpu-data", choices=GPU_DATA_MODES, default="auto",
                    help="decode every image once and keep them (uint8) on the device, "
                         "augmenting there in batches (utils/gpu_data.py); auto: on for "
                         "CUDA when they take < 25 %% of free GPU memory; on: any device")
@@ -192,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="GroupMamba selective-scan implementation (also exported as "
                         "GROUPMAMBA_SCAN_BACKEND)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="torch.compile the training model (static shapes); the first "
+                        "step then takes longer while it compiles, validation stays eager")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="epochs to train in all")
@@ -221,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vflip", type=float, default=0.5, help="vertical flip probability")
     g.add_argument("--cutout", type=float, default=0.5,
                    help="Cutout (RandomErasing) probability; 0 disables")
+    g.add_argument("--scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="random resized crop: area fraction range (unset: plain resize, "
+                        "as the tutorial)")
+    g.add_argument("--ratio", type=float, nargs=2, default=[3 / 4, 4 / 3],
+                   metavar=("LO", "HI"), help="random resized crop: aspect ratio range")
+    g.add_argument("--rotate", type=float, default=0.0,
+                   help="random rotation up to this many degrees either way (0: off)")
     g.add_argument("--mixup", type=float, default=0.8, help="Mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha (0: off)")
     g.add_argument("--mixup-prob", type=float, default=0.1,
@@ -255,9 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write into a non-empty --output, replacing train.py's files")
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a last.pth (or the folder holding it)")
+    g.add_argument("--save-every", type=int, default=1, metavar="N",
+                   help="write last.pth and curves.png every N epochs and at the end "
+                        "(best weights are kept in memory and written with them)")
+    g.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop after the epoch that passes this much wall time since "
+                        "the first step (unset: no limit); the schedule still spans --epochs")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a set of defaults (unset: none); explicit flags still win "
-                        f"(quick: {PRESETS['quick']})")
+                        + "; ".join(f"({name}: {values})" for name, values in PRESETS.items()))
     return p
 
 
@@ -279,6 +305,12 @@ def check_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
             parser.error(msg)
 
     need(a.epochs >= 1, "--epochs must be at least 1")
+    need(a.save_every >= 1, "--save-every must be at least 1")
+    need(a.time_limit is None or a.time_limit > 0, "--time-limit must be positive")
+    try:
+        check_augment(a.scale, a.ratio, a.rotate)
+    except ValueError as exc:
+        need(False, str(exc))
     need(a.batch_size >= 1, "--batch-size must be at least 1")
     need(a.img_size >= 16, "--img-size must be at least 16")
     need(a.workers >= 0, "--workers must be >= 0")
@@ -411,7 +443,8 @@ def build_loaders(args, train_split, val_split, mean, std, env: DistEnv):
                                                      env, list(val_order))
         return train_loader, val_loader, train_loader, f"GPU-resident data ({why})"
     train_ds = ImageDataset(train_split.samples, train_transform(
-        args.img_size, mean, std, args.hflip, args.vflip, args.cutout))
+        args.img_size, mean, std, args.hflip, args.vflip, args.cutout, args.scale,
+        args.ratio, args.rotate))
     val_ds = ImageDataset(val_split.samples, eval_transform(args.img_size, mean, std))
     # DistributedSampler also in one process: a per-epoch, seed-determined shuffle
     # that a resumed run repeats exactly
@@ -630,6 +663,11 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             raise SystemExit(f"error: {args.resume} has already trained {state['epoch']} "
                              f"epochs; pass --epochs larger than that to continue")
     model = wrap_model(t["model"], env)
+    if args.compile:
+        # import the scan kernels now: an import inside the traced code breaks the graph
+        resolve_backend(args.scan_backend, env.device)
+        # static shapes: training batches all have one size (the last one is dropped)
+        model = torch.compile(model, dynamic=False)
     if t["teacher"] is not None:  # before args.json, which records its val accuracy
         check_teacher(args, t, val_loader, env, len(classes), resume_ckpt)
     if env.is_main:
@@ -649,6 +687,10 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             "torch": torch.__version__, "python": platform.python_version(),
             "teacher": to_plain(t["teacher"].info) if t["teacher"] else None}})
 
+    # wall time since the first step; a resumed run continues its predecessor's clock
+    elapsed_before = float((state["history"][-1:] or [{}])[0].get("elapsed_s") or 0.0)
+    run_start = time.perf_counter()
+    best_pending = None  # best weights not yet on disk (with --save-every > 1)
     for epoch in range(state["epoch"] + 1, args.epochs + 1):
         sampler.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -667,8 +709,9 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
             raise SystemExit(1) from exc
         state["global_step"] = tr["global_step"]
         # under DDP each rank evaluates its shard with the bare model: no collective
-        # calls inside forward, so ranks with one batch more or less cannot hang
-        eval_model = unwrap_model(model) if env.distributed else model
+        # calls inside forward, so ranks with one batch more or less cannot hang;
+        # a compiled model is evaluated eagerly (a smaller last batch would recompile)
+        eval_model = unwrap_model(model) if env.distributed or args.compile else model
         va = validate(eval_model, val_loader, t["precision"], env, len(classes),
                       args.max_val_batches, f"epoch {epoch} val")
         ev = (validate(t["ema"].module, val_loader, t["precision"], env, len(classes),
@@ -688,16 +731,23 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
                "ema_val_acc5": ev["acc5"] if ev else None,
                "best_acc1": state["best_acc1"], "best_epoch": state["best_epoch"],
                "best_source": state["best_source"], "train_img_s": tr["img_s"],
-               "epoch_time_s": time.perf_counter() - t0, "grad_norm": tr["grad_norm"]}
+               "epoch_time_s": time.perf_counter() - t0, "grad_norm": tr["grad_norm"],
+               "elapsed_s": elapsed_before + time.perf_counter() - run_start}
         state["history"].append(row)
+        out_of_time = args.time_limit is not None and row["elapsed_s"] >= args.time_limit
+        save_now = epoch % args.save_every == 0 or epoch == args.epochs or out_of_time
         if env.is_main:
             if improved:
-                save_checkpoint(checkpoint_state(args, t, state, classes, mean, std, False),
-                                output / "best.pth")
-            save_checkpoint(checkpoint_state(args, t, state, classes, mean, std, True),
-                            output / "last.pth")
+                best_pending = to_cpu(checkpoint_state(args, t, state, classes, mean, std,
+                                                       False))
+            if save_now and best_pending is not None:
+                save_checkpoint(best_pending, output / "best.pth")
+                best_pending = None
+            if save_now:
+                save_checkpoint(checkpoint_state(args, t, state, classes, mean, std, True),
+                                output / "last.pth")
+                plot_curves(state["history"], output / "curves.png")
             write_csv(output / "metrics.csv", METRIC_FIELDS, state["history"])
-            plot_curves(state["history"], output / "curves.png")
             log.info("epoch %d/%d  train loss %.4f acc1 %.2f  |  val loss %.4f acc1 %.2f "
                      "acc5 %.2f%s  |  best %.2f (%s, epoch %d)%s  %.0fs %.1f img/s", epoch,
                      args.epochs, tr["loss"], tr["acc1"], va["loss"], va["acc1"], va["acc5"],
@@ -705,6 +755,10 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
                      state["best_source"], state["best_epoch"], "  *" if improved else "",
                      row["epoch_time_s"], tr["img_s"])
         barrier(env)
+        if out_of_time:
+            log.info("--time-limit %.0f s reached after epoch %d (%.1f s since the first "
+                     "step); stopping", args.time_limit, epoch, row["elapsed_s"])
+            break
 
     barrier(env)
     if env.is_main:

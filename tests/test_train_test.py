@@ -284,7 +284,53 @@ def test_train_bad_arguments(train_script, capsys, tmp_path, split):
                 tmp_path / "bad_stats.json")
     train_fails(train_script, capsys, split, out, "--pretrained file not found",
                 "--pretrained", tmp_path / "nope.pth")
+    train_fails(train_script, capsys, split, out, "scale", "--scale", "0.8", "0.2")
+    train_fails(train_script, capsys, split, out, "rotate", "--rotate", "200")
+    train_fails(train_script, capsys, split, out, "--save-every", "--save-every", "0")
+    train_fails(train_script, capsys, split, out, "--time-limit", "--time-limit", "0")
     assert not out.exists()
+
+
+def test_presets_set_defaults_and_flags_win(train_script):
+    args, _ = train_script.parse_args(["--preset", "fast"])
+    assert (args.img_size, args.batch_size, args.gpu_data) == (160, 128, "auto")
+    args, _ = train_script.parse_args(["--preset", "fast", "--img-size", "128", "--compile"])
+    assert args.img_size == 128 and args.compile and args.lr == 1e-3
+    assert train_script.parse_args([])[0].compile is False
+
+
+def test_save_every_and_time_limit(train_script, tmp_path, split, monkeypatch):
+    """--save-every 2 writes last.pth at epochs 2 and 3 (the end) and the best weights
+    with them; --time-limit stops after the first epoch that passes it."""
+    saved = []
+    real_save = train_script.save_checkpoint
+
+    def recording_save(state, path):
+        saved.append((Path(path).name, state["epoch"]))
+        return real_save(state, path)
+
+    monkeypatch.setattr(train_script, "save_checkpoint", recording_save)
+    out = tmp_path / "every2"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "3",
+                                        "--save-every", "2", *TINY)])
+    assert [e for name, e in saved if name == "last.pth"] == [2, 3]
+    # best weights (a snapshot of their epoch) go to disk only just before a last.pth
+    names = [name for name, _ in saved]
+    assert names[-1] == "last.pth" and "best.pth" in names
+    assert all(names[i + 1] == "last.pth" for i, n in enumerate(names) if n == "best.pth")
+    rows = read_csv(out / "metrics.csv")
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert len(rows) == 3 and elapsed == sorted(elapsed) and elapsed[0] > 0
+    best = torch.load(out / "best.pth", map_location="cpu", weights_only=True)
+    assert best["epoch"] == int(rows[-1]["best_epoch"])
+
+    saved.clear()
+    out = tmp_path / "limited"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "3",
+                                        "--save-every", "5", "--time-limit", "1e-6", *TINY)])
+    assert len(read_csv(out / "metrics.csv")) == 1
+    assert ("last.pth", 1) in saved and ("best.pth", 1) in saved
+    assert (out / "report.txt").is_file()
 
 
 @pytest.mark.slow
@@ -408,6 +454,16 @@ def test_schedule_warmup_then_cosine():
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
 
 
+def test_to_cpu_snapshot_is_not_aliased():
+    from utils.checkpoint import to_cpu
+
+    weights = torch.zeros(3)
+    snap = to_cpu({"model": {"w": weights}, "epoch": 4, "names": ["a"]})
+    weights += 1
+    assert torch.equal(snap["model"]["w"], torch.zeros(3))
+    assert snap["epoch"] == 4 and snap["names"] == ["a"]
+
+
 def test_checkpoint_atomic_and_weights_only(tmp_path):
     from utils.checkpoint import load_checkpoint, save_checkpoint, to_plain
     import argparse
@@ -448,3 +504,32 @@ def test_resume_is_exact(train_script, capsys, tmp_path, split, monkeypatch):
             assert torch.equal(tensor, b[key][name]), f"{key}.{name}"
     assert read_csv(tmp_path / "straight" / "metrics.csv")[1]["train_loss"] == \
         read_csv(tmp_path / "broken" / "metrics.csv")[1]["train_loss"]
+
+
+def test_compile_flag_trains_through_the_compiled_model(train_script, tmp_path, split,
+                                                        monkeypatch):
+    """--compile wraps the training model with torch.compile(dynamic=False) (here a
+    stand-in that records its calls); validation and checkpoints use the bare model."""
+    calls = {"compile": [], "train_forward": 0}
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self._orig_mod = model
+
+        def forward(self, x):
+            calls["train_forward"] += 1
+            assert self._orig_mod.training  # only training batches come through here
+            return self._orig_mod(x)
+
+    def fake_compile(model, **kwargs):
+        calls["compile"].append(kwargs)
+        return Compiled(model)
+
+    monkeypatch.setattr(train_script.torch, "compile", fake_compile)
+    out = tmp_path / "compiled"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "1",
+                                        "--compile", *TINY)])
+    assert calls["compile"] == [{"dynamic": False}] and calls["train_forward"] >= 1
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])

@@ -61,6 +61,18 @@ def to_plain(obj: Any) -> Any:
     return str(obj)
 
 
+def to_cpu(obj: Any) -> Any:
+    """A snapshot of ``obj`` with every tensor copied to the CPU (never aliased, so
+    later training steps do not change it); other values are kept as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
     an interrupted save never leaves a half-written checkpoint at ``path``."""

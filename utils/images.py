@@ -21,6 +21,8 @@ The public API is small:
 ``atomic_write_text(path, text)`` / ``atomic_write_json(path, obj)``
     Write to a temporary file in the same folder, then ``os.replace`` it into
     place: readers see the old file or the new one, never a half-written one.
+``update_json(path, updates)``
+    Merge ``updates`` into the JSON object in ``path`` (created when absent), atomically.
 
 The helpers never print; callers decide how to report ``skipped`` files and read
 errors.
@@ -44,6 +46,7 @@ __all__ = [
     "ImageReadError",
     "atomic_write_json",
     "atomic_write_text",
+    "update_json",
     "is_image_file",
     "open_rgb",
     "scan_image_folder",
@@ -255,3 +258,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Pat
     """``atomic_write_text`` of ``obj`` as UTF-8 JSON (non-ASCII kept readable)."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def update_json(path: str | os.PathLike, updates: dict) -> Path:
+    """Merge ``updates`` over the JSON object already in ``path`` (if any) and write the
+    result atomically; other keys are kept (records that several scripts add to)."""
+    path = Path(path)
+    previous = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not isinstance(previous, dict):
+        raise ValueError(f"{path} does not hold a JSON object; not merging into it")
+    return atomic_write_json(path, {**previous, **updates})
