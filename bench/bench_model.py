@@ -1,10 +1,11 @@
 """GPU throughput of GroupMamba variants: training step, inference, memory, launches.
 
     python bench/bench_model.py                                   # tiny, every GPU backend
-    python bench/bench_model.py --models groupmamba_tiny groupmamba_small \
-        --backends cuda --json bench/results/h200.json
+    python bench/bench_model.py --models groupmamba_tiny groupmamba_small groupmamba_base \
+        --backends cuda --modes eager compile --json bench/results/h200.json
 
-For each model and scan backend it measures, on one GPU, with synthetic data:
+For each model, scan backend and execution mode it measures, on one GPU, with
+synthetic data:
 
 - training images/s: forward + backward + AdamW step under bf16 autocast
   (``--train-batch``, default 128, at ``--img-size``, default 224);
@@ -13,7 +14,22 @@ For each model and scan backend it measures, on one GPU, with synthetic data:
 - CUDA kernel launches per training step (counted with ``torch.profiler``).
 
 Times are medians over ``--repeats`` windows of ``--steps`` steps each, after warm-up,
-with CUDA events around each window.
+with CUDA events around each window. ``--extra-train SIZE:BATCH`` adds training rows
+for the first model at other sizes (default 160 px at batch 256).
+
+Execution modes (``--modes``):
+
+- ``eager``: the model as it is (the numerics the reference tests check);
+- ``compile``: ``torch.compile(model, dynamic=False)`` (inductor fuses the elementwise
+  ops, LayerNorms and layout copies around the scan custom op; same math, rounding
+  differs at the last bits as with any fusion). ``compile_s`` is the first step's
+  time, which includes compiling;
+- ``reduce-overhead``: the same plus CUDA graphs (``mode="reduce-overhead"``).
+
+With ``--json`` the file also gets the headline keys DESIGN.md asks for
+(``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
+groupmamba_tiny with the first backend; other keys already in the file (e.g. the
+time-to-accuracy figures of ``bench/time_to_accuracy.py``) are kept.
 """
 from __future__ import annotations
 
@@ -21,6 +37,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,14 +45,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the GroupMamba variants with timm)
-from kernels.selective_scan import available_backends  # noqa: E402
+from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
+from utils.images import update_json  # noqa: E402
+
+MODES = ("eager", "compile", "reduce-overhead")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["groupmamba_tiny"])
-    parser.add_argument("--backends", nargs="+", default=["torch", "triton", "cuda"])
+    parser.add_argument("--backends", nargs="+", default=["cuda", "triton", "torch"],
+                        help="scan backends; the first available one gives the headline keys")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--infer-batch", type=int, default=256)
@@ -43,8 +65,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--steps", type=int, default=10, help="steps in one timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is kept")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--extra-train", nargs="*", default=["160:256"], metavar="SIZE:BATCH",
+                        help="more training-only rows for the first model (first backend)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="write (update) the results here")
+    args = parser.parse_args(argv)
+    try:
+        args.extra_train = [tuple(int(v) for v in item.split(":")) for item in args.extra_train]
+    except ValueError:
+        parser.error("--extra-train takes SIZE:BATCH pairs, e.g. 160:256")
+    return args
 
 
 def median_window_seconds(step, warmup: int, steps: int, repeats: int) -> float:
@@ -74,8 +104,8 @@ def count_kernel_launches(step) -> int:
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def make_train_step(model, images, labels):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def make_train_step(model, parameters, images, labels):
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
     loss_fn = torch.nn.CrossEntropyLoss()
 
     def step():
@@ -91,37 +121,83 @@ def make_train_step(model, images, labels):
     return step
 
 
-def bench_one(name: str, backend: str, args) -> dict:
+def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    if mode == "eager":
+        return model
+    return torch.compile(model, dynamic=False,
+                         mode="reduce-overhead" if mode == "reduce-overhead" else None)
+
+
+def first_call_seconds(step) -> float:
+    """Wall time of the first call (compiling included, for compiled modes)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
+              infer: bool = True) -> dict:
     device = torch.device("cuda")
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).to(device)
-    size = args.img_size
-    images = torch.randn(args.train_batch, 3, size, size, device=device)
-    labels = torch.randint(0, args.num_classes, (args.train_batch,), device=device)
+    resolve_backend(backend, device)  # imported before tracing: an import would break the graph
+    runner = prepare(model, mode)
+    images = torch.randn(train_batch, 3, size, size, device=device)
+    labels = torch.randint(0, args.num_classes, (train_batch,), device=device)
 
     model.train()
-    train_step = make_train_step(model, images, labels)
+    train_step = make_train_step(runner, model.parameters(), images, labels)
     torch.cuda.reset_peak_memory_stats()
+    compile_s = first_call_seconds(train_step)
     train_s = median_window_seconds(train_step, args.warmup, args.steps, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     launches = count_kernel_launches(train_step)
-
-    model.eval()
-    infer_images = torch.randn(args.infer_batch, 3, size, size, device=device)
-
-    def infer_step():
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(infer_images)
-    infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
-    del model, train_step
-    torch.cuda.empty_cache()
-    return {
-        "model": name, "backend": backend, "img_size": size,
-        "train_batch": args.train_batch, "train_img_s": round(args.train_batch / train_s, 1),
+    row = {
+        "model": name, "backend": backend, "mode": mode, "img_size": size,
+        "train_batch": train_batch, "train_img_s": round(train_batch / train_s, 1),
         "train_step_ms": round(train_s * 1000, 2), "peak_train_mem_gib": round(peak_gib, 2),
-        "launches_per_train_step": launches,
-        "infer_batch": args.infer_batch, "infer_img_s": round(args.infer_batch / infer_s, 1),
+        "launches_per_train_step": launches, "first_train_step_s": round(compile_s, 1),
     }
+    if infer:
+        model.eval()
+        infer_images = torch.randn(args.infer_batch, 3, size, size, device=device)
+
+        def infer_step():
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                runner(infer_images)
+        row["first_infer_step_s"] = round(first_call_seconds(infer_step), 1)
+        infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
+        row.update(infer_batch=args.infer_batch, infer_img_s=round(args.infer_batch / infer_s, 1))
+    del model, runner, train_step
+    torch.cuda.empty_cache()
+    return row
+
+
+def headline(rows: list[dict], model: str, backend: str, size: int = 224, batch: int = 128) -> dict:
+    """DESIGN.md's keys: the fastest mode's figures for ``model`` with ``backend``."""
+    def best(key, img_size, train_batch=None):
+        pool = [r for r in rows if r["model"] == model and r["backend"] == backend
+                and r["img_size"] == img_size and key in r
+                and (train_batch is None or r["train_batch"] == train_batch)]
+        return max(pool, key=lambda r: r[key]) if pool else None
+
+    out = {}
+    train = best("train_img_s", size, batch)
+    if train:
+        out.update(train_img_s_tiny_224_bs128=train["train_img_s"],
+                   peak_mem_gib_tiny_224_bs128=train["peak_train_mem_gib"],
+                   launches_per_train_step_tiny=train["launches_per_train_step"],
+                   headline_train_mode=train["mode"])
+    small = best("train_img_s", 160, 256)
+    if small:
+        out["train_img_s_tiny_160_bs256"] = small["train_img_s"]
+    infer = best("infer_img_s", size)
+    if infer:
+        out.update(infer_img_s_tiny_224_bs256=infer["infer_img_s"], headline_infer_mode=infer["mode"])
+    return out
 
 
 def main(argv=None) -> dict:
@@ -129,28 +205,44 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
     unavailable = {b: why for b, why in available_backends().items() if why is not None}
+    backends = []
+    for backend in args.backends:
+        if backend in unavailable:
+            print(f"skip backend {backend}: {unavailable[backend]}")
+        else:
+            backends.append(backend)
+    if not backends:
+        raise SystemExit("none of --backends can run here")
     rows = []
+
+    def add(row):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for name in args.models:
-        for backend in args.backends:
-            if backend in unavailable:
-                print(f"skip {name}/{backend}: {unavailable[backend]}")
-                continue
-            rows.append(bench_one(name, backend, args))
-            print(json.dumps(rows[-1]), flush=True)
-    header = ("model", "backend", "train_img_s", "train_step_ms", "peak_train_mem_gib",
-              "launches_per_train_step", "infer_img_s")
+        for backend in backends:
+            for mode in args.modes:
+                add(bench_one(name, backend, mode, args, args.img_size, args.train_batch))
+    for size, batch in args.extra_train:
+        for mode in args.modes:
+            add(bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
+    header = ("model", "backend", "mode", "img_size", "train_batch", "train_img_s",
+              "train_step_ms", "peak_train_mem_gib", "launches_per_train_step",
+              "first_train_step_s", "infer_img_s")
     print(" | ".join(header))
     for row in rows:
-        print(" | ".join(str(row[key]) for key in header))
+        print(" | ".join(str(row.get(key, "-")) for key in header))
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "precision": "bf16 autocast, fp32 scan, AdamW(fused)", "rows": rows,
     }
+    if args.models[0] == "groupmamba_tiny" and (args.img_size, args.train_batch,
+                                                 args.infer_batch) == (224, 128, 256):
+        result.update(headline(rows, "groupmamba_tiny", backends[0], args.img_size, args.train_batch))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        update_json(args.json, result)
     return result
 
 

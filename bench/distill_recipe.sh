@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
 # Distillation recipe (issue 6): does DeiT-style hard distillation from a trained CNN
-# teacher help groupmamba_tiny on the plant seedlings? About 6-7 minutes on two H200s
-# (measured 2026-11-28: prep 17 s, teacher 2 min, students ~12 s an epoch each):
+# teacher help groupmamba_tiny on the plant seedlings? A few minutes on two H200s,
+# with the images decoded once and kept on the GPU (--gpu-data):
 #   (a) the seed-42 split of data1 (makedata.py) and its mean/std (mean_std.py)
 #   (b) a teacher: timm resnet18 from scratch
 #   (c) groupmamba_tiny without distillation (both heads learn the labels)
 #   (d) groupmamba_tiny with --teacher <(b)'s best.pth> --distillation-type hard,
 #       the same epochs, seed and settings as (c)
 # then a table of val ACC1 (best and last epoch) for the three runs. With two GPUs
-# visible, (c) and (d) run side by side, one GPU each.
+# visible, (c) runs on GPU_B while (b) and then (d) run on GPU_A.
 #
 #   bash bench/distill_recipe.sh                     # logs in ./distill_logs
 #   OUT=/tmp/x EPOCHS=20 bash bench/distill_recipe.sh
 #
 # Settings (environment, defaults in brackets): OUT [./distill_logs], RUNS [runs/distill:
-# split, stats and run folders], EPOCHS [15, each student], TEACHER_EPOCHS [25],
+# split, stats and run folders], EPOCHS [40, each student], TEACHER_EPOCHS [80],
 # TEACHER_MODEL [resnet18], IMG [128], BATCH [128], LR [1e-3], TEACHER_LR [LR],
 # WARMUP [2 epochs], EMA_DECAY [0: off, so best/last are plain epochs], WORKERS [12],
-# SEED [42], STEP_TIMEOUT [240 s per training run, a guard against hangs], EXTRA [more
+# GPU_DATA [auto: images decoded once and kept on the GPU], GPU_A [0], GPU_B [1],
+# SEED [42], STEP_TIMEOUT [300 s per training run, a guard against hangs], EXTRA [more
 # train.py flags for every run, e.g. a CPU smoke test:
 # EXTRA="--device cpu --max-train-batches 1 --max-val-batches 1" EPOCHS=1 TEACHER_EPOCHS=1].
 # Nothing waits for input and existing run folders are replaced (--force).
@@ -28,8 +29,8 @@
 set -uo pipefail
 OUT=${OUT:-./distill_logs}
 RUNS=${RUNS:-runs/distill}
-EPOCHS=${EPOCHS:-15}
-TEACHER_EPOCHS=${TEACHER_EPOCHS:-25}
+EPOCHS=${EPOCHS:-40}
+TEACHER_EPOCHS=${TEACHER_EPOCHS:-80}
 TEACHER_MODEL=${TEACHER_MODEL:-resnet18}
 IMG=${IMG:-128}
 BATCH=${BATCH:-128}
@@ -38,8 +39,11 @@ TEACHER_LR=${TEACHER_LR:-$LR}
 WARMUP=${WARMUP:-2}
 EMA_DECAY=${EMA_DECAY:-0}
 WORKERS=${WORKERS:-12}
+GPU_DATA=${GPU_DATA:-auto}
+GPU_A=${GPU_A:-0}
+GPU_B=${GPU_B:-1}
 SEED=${SEED:-42}
-STEP_TIMEOUT=${STEP_TIMEOUT:-240}
+STEP_TIMEOUT=${STEP_TIMEOUT:-300}
 EXTRA=${EXTRA:-}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
@@ -99,7 +103,7 @@ step "(a) makedata (seed 42) + mean_std on data1"
 # makedata.py has checked every image: no second full decode in each run
 COMMON=(--data "$RUNS/data" --stats "$RUNS/stats.json" --img-size "$IMG" --batch-size "$BATCH"
         --warmup-epochs "$WARMUP" --ema-decay "$EMA_DECAY" --workers "$WORKERS" --seed "$SEED"
-        --check-images none --scan-backend auto --force)
+        --check-images none --scan-backend auto --gpu-data "$GPU_DATA" --force)
 
 train() {  # name, then train.py flags
     local name=$1; shift
@@ -114,22 +118,27 @@ train() {  # name, then train.py flags
     return $rc
 }
 
-train teacher --model "$TEACHER_MODEL" --epochs "$TEACHER_EPOCHS" --lr "$TEACHER_LR"
-if [ -f "$RUNS/teacher/best.pth" ]; then
-    flags_baseline=(--model groupmamba_tiny --epochs "$EPOCHS" --lr "$LR")
-    flags_distilled=("${flags_baseline[@]}" --teacher "$RUNS/teacher/best.pth" --distillation-type hard)
-    if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
-        # two GPUs: the two students side by side, one GPU each (same settings, same seed)
-        CUDA_VISIBLE_DEVICES=0 train baseline "${flags_baseline[@]}" &
-        CUDA_VISIBLE_DEVICES=1 train distilled "${flags_distilled[@]}" &
-        wait
-        summary >/dev/null
+flags_baseline=(--model groupmamba_tiny --epochs "$EPOCHS" --lr "$LR")
+distilled() {
+    if [ -f "$RUNS/teacher/best.pth" ]; then
+        train distilled "${flags_baseline[@]}" --teacher "$RUNS/teacher/best.pth" --distillation-type hard
     else
-        train baseline "${flags_baseline[@]}"
-        train distilled "${flags_distilled[@]}"
+        echo "no teacher checkpoint: the distilled student is not run" | tee -a "$OUT/steps.txt"
     fi
+}
+if [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -ge 2 ]; then
+    # two GPUs: the baseline (no teacher needed) beside the teacher and then the
+    # distilled student; same settings and seed for both students
+    CUDA_VISIBLE_DEVICES=$GPU_B train baseline "${flags_baseline[@]}" &
+    export CUDA_VISIBLE_DEVICES=$GPU_A
+    train teacher --model "$TEACHER_MODEL" --epochs "$TEACHER_EPOCHS" --lr "$TEACHER_LR"
+    distilled
+    wait
+    summary >/dev/null
 else
-    echo "no teacher checkpoint: the students are not run" | tee -a "$OUT/steps.txt"
+    train teacher --model "$TEACHER_MODEL" --epochs "$TEACHER_EPOCHS" --lr "$TEACHER_LR"
+    train baseline "${flags_baseline[@]}"
+    distilled
 fi
 
 step "done"

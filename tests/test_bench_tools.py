@@ -1,0 +1,84 @@
+"""The benchmark scripts' bookkeeping (the GPU measurements themselves run on the
+device machine): time-to-accuracy figures from a metrics.csv, bench_model's headline keys."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_metrics(run: Path, rows: list[tuple]) -> None:
+    """rows of (epoch, val_acc1, ema_val_acc1 or None, elapsed_s)."""
+    run.mkdir(parents=True)
+    with open(run / "metrics.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["epoch", "val_acc1", "ema_val_acc1", "elapsed_s"])
+        for epoch, val, ema, elapsed in rows:
+            writer.writerow([epoch, val, "" if ema is None else ema, elapsed])
+    (run / "args.json").write_text(json.dumps({"run": {"command": "train.py --preset fast",
+                                                       "device": "cuda:0"}}))
+
+
+def test_time_to_accuracy_reads_first_epoch_at_target_and_best_in_budget(tmp_path):
+    tta = load("time_to_accuracy")
+    run = tmp_path / "run"
+    # EMA reaches 95 first (epoch 3); the best within 300 s is epoch 4's 96.0
+    write_metrics(run, [(1, 80.0, 70.0, 100.0), (2, 94.0, 94.9, 200.0), (3, 94.5, 95.0, 250.0),
+                        (4, 96.0, 95.5, 299.0), (5, 97.0, None, 320.0)])
+    out = tmp_path / "h200.json"
+    out.write_text(json.dumps({"train_img_s_tiny_224_bs128": 1.0}))
+    result = tta.main(["--from-run", str(run), "--json", str(out)])
+    assert result["time_to_95_s"] == 250.0
+    assert result["best_val_acc1_300s"] == pytest.approx(0.96)
+    merged = json.loads(out.read_text())
+    assert merged["train_img_s_tiny_224_bs128"] == 1.0  # other keys kept
+    assert merged["time_to_accuracy"]["epoch_reached_target"] == 3
+    assert merged["time_to_accuracy"]["command"] == "train.py --preset fast"
+
+
+def test_time_to_accuracy_never_reached_and_bad_runs(tmp_path):
+    tta = load("time_to_accuracy")
+    run = tmp_path / "run"
+    write_metrics(run, [(1, 50.0, None, 10.0), (2, 60.0, None, 20.0)])
+    result = tta.main(["--from-run", str(run)])
+    assert result["time_to_95_s"] is None and result["best_val_acc1_300s"] == pytest.approx(0.6)
+    with pytest.raises(SystemExit, match="metrics.csv not found"):
+        tta.main(["--from-run", str(tmp_path / "nowhere")])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "metrics.csv").write_text("epoch,val_acc1\n1,50\n")
+    with pytest.raises(SystemExit, match="no elapsed_s"):
+        tta.main(["--from-run", str(tmp_path / "old")])
+
+
+def test_bench_model_headline_keys_take_the_fastest_mode():
+    bench = load("bench_model")
+
+    def row(mode, size, batch, train, infer=None):
+        r = {"model": "groupmamba_tiny", "backend": "cuda", "mode": mode, "img_size": size,
+             "train_batch": batch, "train_img_s": train, "peak_train_mem_gib": train / 100,
+             "launches_per_train_step": int(train)}
+        return r if infer is None else {**r, "infer_img_s": infer}
+
+    rows = [row("eager", 224, 128, 500.0, 2000.0), row("compile", 224, 128, 900.0, 1500.0),
+            row("eager", 160, 256, 1200.0)]
+    keys = bench.headline(rows, "groupmamba_tiny", "cuda")
+    assert keys["train_img_s_tiny_224_bs128"] == 900.0 and keys["headline_train_mode"] == "compile"
+    assert keys["peak_mem_gib_tiny_224_bs128"] == 9.0 and keys["launches_per_train_step_tiny"] == 900
+    assert keys["infer_img_s_tiny_224_bs256"] == 2000.0 and keys["headline_infer_mode"] == "eager"
+    assert keys["train_img_s_tiny_160_bs256"] == 1200.0
+    assert bench.parse_args(["--extra-train", "128:64"]).extra_train == [(128, 64)]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--extra-train", "big"])
