@@ -24,7 +24,11 @@ Execution modes (``--modes``):
   ops, LayerNorms and layout copies around the scan custom op; same math, rounding
   differs at the last bits as with any fusion). ``compile_s`` is the first step's
   time, which includes compiling;
-- ``reduce-overhead``: the same plus CUDA graphs (``mode="reduce-overhead"``).
+- ``reduce-overhead``: the same plus CUDA graphs (``mode="reduce-overhead"``);
+- ``cuda-graph``: the eager model, with the whole training step (forward, backward,
+  AdamW with ``capturable=True``) and the inference forward each captured in one
+  CUDA graph and replayed: the same kernels, numerics and memory plan as eager, but
+  one launch per step instead of ~5,000. A row whose capture fails records the error.
 
 With ``--json`` the file also gets the headline keys DESIGN.md asks for
 (``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
@@ -48,7 +52,7 @@ import models  # noqa: E402  (registers the GroupMamba variants with timm)
 from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
 from utils.images import update_json  # noqa: E402
 
-MODES = ("eager", "compile", "reduce-overhead")
+MODES = ("eager", "compile", "reduce-overhead", "cuda-graph")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,25 +108,53 @@ def count_kernel_launches(step) -> int:
     return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def make_train_step(model, parameters, images, labels):
-    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True)
+def make_train_step(model, parameters, images, labels, graphed: bool = False):
+    """One training step (bf16 autocast forward, backward, fused AdamW) as a callable;
+    ``graphed``: captured once in a CUDA graph and replayed (static inputs)."""
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4, fused=True, capturable=graphed)
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def forward_backward_step():
+        # no autocast weight cache under capture (it would outlive the graph's pool)
+        with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
             out = model(images)
             logits = out if isinstance(out, torch.Tensor) else out[0]
             loss = loss_fn(logits.float(), labels)
             if not isinstance(out, torch.Tensor):
                 loss = (loss + loss_fn(out[1].float(), labels)) / 2
-        optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return step
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward_step()
+
+    return capture(step, forward_backward_step, optimizer.zero_grad) if graphed else step
+
+
+def capture(warmup_step, body, before_capture=lambda: None, warmup: int = 3):
+    """``body`` captured in a CUDA graph, returned as its replay.
+
+    Warm-up calls run first on a side stream (lazy inits, cuBLAS workspaces, Triton
+    JIT, cached scan orders), as the CUDA-graph docs prescribe; then one capture.
+    Every replay repeats the captured kernels on the same buffers: the whole step is
+    one launch from the CPU, which is what a launch-bound model needs.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            warmup_step()
+    torch.cuda.current_stream().wait_stream(side)
+    before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph.replay
 
 
 def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    if mode == "eager":
+    if mode in ("eager", "cuda-graph"):
         return model
     return torch.compile(model, dynamic=False,
                          mode="reduce-overhead" if mode == "reduce-overhead" else None)
@@ -149,9 +181,15 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     labels = torch.randint(0, args.num_classes, (train_batch,), device=device)
 
     model.train()
-    train_step = make_train_step(runner, model.parameters(), images, labels)
+    graphed = mode == "cuda-graph"
     torch.cuda.reset_peak_memory_stats()
-    compile_s = first_call_seconds(train_step)
+    start = time.perf_counter()
+    try:
+        train_step = make_train_step(runner, model.parameters(), images, labels, graphed)
+    except RuntimeError as exc:  # a capture that fails is a finding, not a crash
+        return {"model": name, "backend": backend, "mode": mode, "img_size": size,
+                "train_batch": train_batch, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    compile_s = first_call_seconds(train_step) + time.perf_counter() - start
     train_s = median_window_seconds(train_step, args.warmup, args.steps, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     launches = count_kernel_launches(train_step)
@@ -166,9 +204,15 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
         infer_images = torch.randn(args.infer_batch, 3, size, size, device=device)
 
         def infer_step():
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            # plain no_grad under capture: inference tensors gain nothing in a graph
+            no_grad = torch.no_grad() if graphed else torch.inference_mode()
+            with no_grad, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
                 runner(infer_images)
-        row["first_infer_step_s"] = round(first_call_seconds(infer_step), 1)
+        start = time.perf_counter()
+        if graphed:
+            infer_step = capture(infer_step, infer_step)
+        row["first_infer_step_s"] = round(first_call_seconds(infer_step)
+                                          + time.perf_counter() - start, 1)
         infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
         row.update(infer_batch=args.infer_batch, infer_img_s=round(args.infer_batch / infer_s, 1))
     del model, runner, train_step
