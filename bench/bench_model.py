@@ -22,7 +22,7 @@ Execution modes (``--modes``):
 - ``eager``: the model as it is (the numerics the reference tests check);
 - ``compile``: ``torch.compile(model, dynamic=False)`` (inductor fuses the elementwise
   ops, LayerNorms and layout copies around the scan custom op; same math, rounding
-  differs at the last bits as with any fusion). ``compile_s`` is the first step's
+  differs at the last bits as with any fusion). ``first_train_step_s`` is the first step's
   time, which includes compiling;
 - ``reduce-overhead``: the same plus CUDA graphs (``mode="reduce-overhead"``);
 - ``cuda-graph``: the eager model, with the whole training step (forward, backward,
