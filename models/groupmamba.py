@@ -23,13 +23,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from .csms6s import SCAN_DIRECTIONS
 from .ss2d import SS2D, can_batch, grouped_ss2d
 
-__all__ = ["GroupMamba", "GroupMambaLayer", "checkpoint_filter_fn", "load_pretrained", "LoadInfo"]
+__all__ = ["GroupMamba", "GroupMambaLayer", "StochasticDepth", "checkpoint_filter_fn", "load_pretrained", "LoadInfo"]
 
 _logger = logging.getLogger(__name__)
 
@@ -145,6 +145,35 @@ class GroupMambaLayer(nn.Module):
         return self.proj(self.norm(mixed.view(batch, tokens, channels)))
 
 
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per sample with probability ``rate`` (training only).
+
+    timm's ``DropPath`` in distribution (kept samples scaled by ``1 / (1 - rate)``), but
+    the rate is a non-persistent buffer rather than a Python float: ``torch.compile``
+    then treats it as an input, so blocks with different rates share one compiled
+    graph (regional compilation) instead of recompiling per rate. No state-dict entry.
+    """
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+        self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
+        self._rate_value = float(rate)  # for the eager shortcut and repr; compiled code reads the buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # is_compiling() first: a compiled graph must not guard on the per-block float
+        if not self.training or (not torch.compiler.is_compiling() and self._rate_value == 0.0):
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = torch.rand(shape, device=x.device, dtype=torch.float32) < keep
+        return x * (mask / keep).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rate={self._rate_value:.3f}"
+
+
 class GroupMambaBlock(nn.Module):
     """Pre-norm residual block: GroupMambaLayer (which norms its own input), then ConvMlp."""
 
@@ -154,7 +183,7 @@ class GroupMambaBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.drop_path = StochasticDepth(drop_path)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = x + self.drop_path(self.attn(x, height, width))

@@ -372,3 +372,39 @@ def test_strict_false_reports_missing_keys(source_1000):
         load_pretrained(model, partial_state)
     info = load_pretrained(model, partial_state, strict=False)
     assert info.missing and all(key.startswith("post_network.") for key in info.missing)
+
+
+def test_stochastic_depth_rate_is_a_buffer_outside_the_state_dict():
+    from models.groupmamba import StochasticDepth
+    model = small_model(num_classes=3, drop_path_rate=0.2)
+    rates = [float(m.rate) for m in model.modules() if isinstance(m, StochasticDepth)]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    assert not any(key.endswith("drop_path.rate") for key in model.state_dict())
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        StochasticDepth(1.0)
+
+
+def test_stochastic_depth_drops_whole_samples_and_keeps_the_mean():
+    from models.groupmamba import StochasticDepth
+    torch.manual_seed(0)
+    drop = StochasticDepth(0.25)
+    x = torch.ones(20000, 3, 2)
+    y = drop(x)
+    per_sample = y.flatten(1)
+    assert torch.all((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1))
+    assert (per_sample[:, 0] == 0).float().mean() == pytest.approx(0.25, abs=0.02)
+    assert y.mean() == pytest.approx(1.0, abs=0.03)
+    assert drop.eval()(x) is x and StochasticDepth(0.0)(x) is x
+
+
+def test_compile_blocks_compiles_regions_in_place(monkeypatch):
+    from utils.modeling import compile_blocks
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(kw))
+    with torch.device("meta"):
+        model = models.create_model("groupmamba_tiny", num_classes=3)
+    keys = list(model.state_dict())
+    names = compile_blocks(model, dynamic=False)
+    assert names[:2] == ["patch_embed1", "block1.0"] and names[-1] == "post_network.0"
+    assert len(names) == 4 + sum(model.depths) + 1 and compiled == [{"dynamic": False}] * len(names)
+    assert list(model.state_dict()) == keys
