@@ -73,8 +73,9 @@ points into it or --force is given (--force replaces only the file names above).
 
 Presets (--preset) change defaults only; flags given on the command line win.
 ``fast``: the one-GPU short-schedule recipe of issue 5 (160 px, batch 128, lr 1e-3,
-3 warm-up epochs, 45 epochs, GPU-resident data, last.pth every 10 epochs); on one
-H200 it reached 92.4 % val ACC1 within 300 s (bench/RESULTS.md).
+3 warm-up epochs, 70 epochs, GPU-resident data, --compile and --cuda-graph, last.pth
+every 10 epochs); on one H200 it trains at ~1,650 img/s and reached 93.0 % val ACC1
+within 300 s, compiling included (bench/RESULTS.md).
 ``quick``: 64 px images, 2 epochs of at most 40 batches of 32, at most 10 validation
 batches per pass (a fixed shuffled subset), no warm-up. On the 2-core CPU machine
 the whole quick start (makedata, mean_std, this training with groupmamba_tiny on
@@ -109,7 +110,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kernels.selective_scan import resolve_backend
-from utils.amp import AMP_MODES, Precision
+from utils.amp import AMP_MODES, Precision, resolve_amp
+from utils.cuda_graphs import CapturedForward, CapturedTrainStep, cuda_graph_problem
 from utils.checkpoint import (RESUME_KEYS, FORMAT, CheckpointError, load_checkpoint,
                               save_checkpoint, to_cpu, to_plain)
 from utils.datasets import CHECK_MODES, DatasetError, ImageDataset, load_train_val
@@ -118,13 +120,14 @@ from utils.distillation import (DISTILLATION_TYPES, DistillationLoss, describe,
 from utils.distributed import (DistEnv, ShardSampler, barrier, broadcast_object,
                                cleanup_distributed, run_on_main, setup_distributed,
                                unwrap_model, wrap_model)
-from utils.engine import NonFiniteLossError, predict_batches, train_one_epoch, validate
+from utils.engine import (NonFiniteLossError, heads_loss, predict_batches, train_one_epoch,
+                          validate)
 from utils.gpu_data import (GPU_DATA_MODES, GpuLoader, build_gpu_loaders, choose_gpu_data,
                             decoded_bytes, full_eval_loader)
 from utils.images import atomic_write_json, atomic_write_text
 from utils.metrics import classification_report_files, write_csv
-from utils.modeling import (SCAN_BACKENDS, ModelConfigError, check_model_name, create_model,
-                            describe_model, load_pretrained, model_kwargs_for,
+from utils.modeling import (SCAN_BACKENDS, ModelConfigError, check_model_name, compile_blocks,
+                            create_model, describe_model, load_pretrained, model_kwargs_for,
                             set_scan_backend)
 from utils.optim import build_optimizer, build_scheduler
 from utils.plots import plot_confusion_matrix, plot_curves
@@ -138,10 +141,12 @@ PRESETS = {
               "max_train_batches": 40, "max_val_batches": 10},
     # time-to-accuracy recipe for one GPU (issue 5; figures in bench/RESULTS.md):
     # 160 px, GPU-resident data, the tutorial's augmentation (heavier crops and
-    # rotations learned more slowly in short runs), a short warm-up, checkpoints
-    # every 10 epochs; --compile is left off: compiling costs minutes
-    "fast": {"img_size": 160, "batch_size": 128, "epochs": 45, "lr": 1e-3,
-             "warmup_epochs": 3.0, "gpu_data": "auto", "save_every": 10, "workers": 16},
+    # rotations learned more slowly in short runs), a short warm-up, regional
+    # compilation and CUDA graphs (~3x the eager speed on an H200; compiling costs
+    # 1-2.5 minutes of the first epoch on a cold cache), checkpoints every 10 epochs
+    "fast": {"img_size": 160, "batch_size": 128, "epochs": 70, "lr": 1e-3,
+             "warmup_epochs": 3.0, "gpu_data": "auto", "save_every": 10, "workers": 16,
+             "compile": True, "cuda_graph": True},
 }
 # saved arguments that a resumed run does not inherit
 NOT_INHERITED = {"resume", "output", "force", "pretrained"}
@@ -203,8 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GroupMamba selective-scan implementation (also exported as "
                         "GROUPMAMBA_SCAN_BACKEND)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the training model (static shapes); the first "
-                        "step then takes longer while it compiles, validation stays eager")
+                   help="torch.compile each block of the model and of its EMA in place "
+                        "(regional compilation, static shapes; fuses LayerNorms, gating and "
+                        "layout copies); compiling takes 1-2 minutes of the first epoch "
+                        "(less when inductor's cache is warm). Pair it with --cuda-graph")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
+                   help="capture the training step (forward to optimizer step) and the "
+                        "validation forwards in CUDA graphs and replay them: one launch "
+                        "per step instead of thousands (one GPU, one process, bf16 or "
+                        "fp32; a NaN loss is then caught after the optimizer step)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=100, help="epochs to train in all")
@@ -482,7 +494,9 @@ def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv, t
     model.to(env.device)
     ema = ModelEmaV3(model, decay=args.ema_decay, use_warmup=True, warmup_power=0.75) \
         if args.ema_decay > 0 else None
-    optimizer = build_optimizer(model, args.lr, args.weight_decay)
+    # a captured step needs the optimizer state on the GPU and a device-side lr
+    optimizer = build_optimizer(model, args.lr, args.weight_decay,
+                                **(dict(fused=True, capturable=True) if args.cuda_graph else {}))
     total = args.epochs * steps_per_epoch
     # a warm-up longer than half the run would leave no time at the peak rate
     warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total // 2)
@@ -507,6 +521,20 @@ def build_training(args, num_classes: int, steps_per_epoch: int, env: DistEnv, t
                 scheduler=scheduler, precision=precision, mixup_fn=mixup_fn,
                 criterion=criterion, total_steps=total, warmup_steps=warmup,
                 teacher=teacher, distill=distill)
+
+
+def setup_cuda_graphs(args, t: dict):
+    """With --cuda-graph: the captured training step and the validation forwards of the
+    model and its EMA (each captured after its first calls); else ``(None, plain models)``."""
+    models = {"model": t["model"], "ema": t["ema"].module if t["ema"] is not None else None}
+    if not args.cuda_graph:
+        return None, models
+    precision = t["precision"]
+    step = CapturedTrainStep(t["model"], heads_loss(t["criterion"]), t["optimizer"],
+                             precision.dtype, precision.enabled,
+                             args.clip_grad if args.clip_grad > 0 else math.inf)
+    return step, {name: None if m is None else CapturedForward(m, precision.dtype, precision.enabled)
+                  for name, m in models.items()}
 
 
 def restore(ckpt: dict, t: dict, class_names: list[str], env: DistEnv, seed: int,
@@ -636,6 +664,13 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
     teacher = None if teacher_source is None else setup_teacher(
         teacher_source, train_split.classes, args.img_size, mean, std, env.device,
         args.scan_backend, env.data_parallel)
+    if args.cuda_graph:
+        problem = cuda_graph_problem(env.device, env.distributed, env.data_parallel,
+                                     resolve_amp(args.amp, env.device) == "fp16",
+                                     teacher_source is not None)
+        if problem:
+            log.warning("--cuda-graph is off: %s", problem)
+            args.cuda_graph = False
     t = build_training(args, len(train_split.classes), steps, env, teacher)
     seed_everything(args.seed, env.rank)  # each rank its own augmentation stream
     output = Path(run_on_main(lambda: prepare_output(args), env))
@@ -662,12 +697,22 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
         if state["epoch"] >= args.epochs:
             raise SystemExit(f"error: {args.resume} has already trained {state['epoch']} "
                              f"epochs; pass --epochs larger than that to continue")
-    model = wrap_model(t["model"], env)
+    if args.compile and env.data_parallel:
+        # DataParallel's replicas would call the compiled code bound to the original module
+        log.warning("--compile is not supported under DataParallel; training without it "
+                    "(for several GPUs and compiling, use torchrun --nproc_per_node=N)")
+        args.compile = False
     if args.compile:
         # import the scan kernels now: an import inside the traced code breaks the graph
         resolve_backend(args.scan_backend, env.device)
         # static shapes: training batches all have one size (the last one is dropped)
-        model = torch.compile(model, dynamic=False)
+        # and validation pads its last batch (validate's static_batch)
+        for module in [t["model"]] + ([t["ema"].module] if t["ema"] is not None else []):
+            regions = compile_blocks(module, dynamic=False)
+        log.info("compiling %d regions of the model%s in the first steps", len(regions),
+                 " and of its EMA" if t["ema"] is not None else "")
+    model = wrap_model(t["model"], env)
+    captured_step, eval_models = setup_cuda_graphs(args, t)
     if t["teacher"] is not None:  # before args.json, which records its val accuracy
         check_teacher(args, t, val_loader, env, len(classes), resume_ckpt)
     if env.is_main:
@@ -700,7 +745,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
                                  mixup_fn=t["mixup_fn"], ema=t["ema"],
                                  clip_grad=args.clip_grad,
                                  max_batches=args.max_train_batches,
-                                 global_step=state["global_step"], distill=t["distill"])
+                                 global_step=state["global_step"], distill=t["distill"],
+                                 captured_step=captured_step)
         except NonFiniteLossError as exc:
             last = output / "last.pth"
             kept = (f"the last good checkpoint is {last} (epoch {state['epoch']})"
@@ -710,12 +756,15 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
         state["global_step"] = tr["global_step"]
         # under DDP each rank evaluates its shard with the bare model: no collective
         # calls inside forward, so ranks with one batch more or less cannot hang;
-        # a compiled model is evaluated eagerly (a smaller last batch would recompile)
-        eval_model = unwrap_model(model) if env.distributed or args.compile else model
+        eval_model = unwrap_model(model) if env.distributed else model
+        if args.cuda_graph:
+            eval_model = eval_models["model"]
+        # compiled blocks and graphs see one batch size only: a smaller last batch is padded
+        static_batch = val_loader.batch_size if args.compile or args.cuda_graph else None
         va = validate(eval_model, val_loader, t["precision"], env, len(classes),
-                      args.max_val_batches, f"epoch {epoch} val")
-        ev = (validate(t["ema"].module, val_loader, t["precision"], env, len(classes),
-                       args.max_val_batches, f"epoch {epoch} val EMA")
+                      args.max_val_batches, f"epoch {epoch} val", static_batch)
+        ev = (validate(eval_models["ema"], val_loader, t["precision"], env, len(classes),
+                       args.max_val_batches, f"epoch {epoch} val EMA", static_batch)
               if t["ema"] is not None else None)
         source, acc1 = max([("model", va["acc1"])] + ([("ema", ev["acc1"])] if ev else []),
                            key=lambda kv: kv[1])

@@ -28,7 +28,15 @@ Execution modes (``--modes``):
 - ``cuda-graph``: the eager model, with the whole training step (forward, backward,
   AdamW with ``capturable=True``) and the inference forward each captured in one
   CUDA graph and replayed: the same kernels, numerics and memory plan as eager, but
-  one launch per step instead of ~5,000. A row whose capture fails records the error.
+  one launch per step instead of ~5,000. A row whose capture fails records the error;
+- ``compile-blocks``: regional compilation (``utils.modeling.compile_blocks``): each
+  GroupMamba block compiled in place, blocks of one shape sharing one graph, so
+  compiling costs four stage shapes instead of the whole depth;
+- ``compile-blocks+cuda-graph``: both: inductor's fused kernels, one launch per step.
+
+Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
+one training step (from the profiler), the floor a launch-free step would reach;
+``--profile N`` prints the N kernels that take the most of it.
 
 With ``--json`` the file also gets the headline keys DESIGN.md asks for
 (``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
@@ -50,9 +58,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the GroupMamba variants with timm)
 from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
+from utils.cuda_graphs import capture  # noqa: E402
 from utils.images import update_json  # noqa: E402
+from utils.modeling import compile_blocks  # noqa: E402
 
-MODES = ("eager", "compile", "reduce-overhead", "cuda-graph")
+MODES = ("eager", "cuda-graph", "compile", "reduce-overhead", "compile-blocks",
+         "compile-blocks+cuda-graph")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is kept")
     parser.add_argument("--extra-train", nargs="*", default=["160:256"], metavar="SIZE:BATCH",
                         help="more training-only rows for the first model (first backend)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N kernels with the most GPU time per training step")
     parser.add_argument("--json", type=Path, default=None,
                         help="write (update) the results here")
     args = parser.parse_args(argv)
@@ -98,14 +111,22 @@ def median_window_seconds(step, warmup: int, steps: int, repeats: int) -> float:
     return statistics.median(windows)
 
 
-def count_kernel_launches(step) -> int:
-    """CUDA kernels (and memsets/copies) that one call of ``step`` puts on the GPU."""
+def profile_step(step) -> tuple[int, float, list[tuple[str, float, int]]]:
+    """Kernels (and memsets/copies) one call of ``step`` puts on the GPU: their count,
+    their summed GPU time in ms, and per kernel name (ms, calls), most time first."""
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         torch.cuda.synchronize()
-    return sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    per_name: dict[str, list] = {}
+    for event in kernels:
+        entry = per_name.setdefault(event.name, [0.0, 0])
+        entry[0] += event.device_time / 1000
+        entry[1] += 1
+    table = sorted(((name, ms, n) for name, (ms, n) in per_name.items()), key=lambda r: -r[1])
+    return len(kernels), sum(ms for _, ms, _ in table), table
 
 
 def make_train_step(model, parameters, images, labels, graphed: bool = False):
@@ -132,29 +153,11 @@ def make_train_step(model, parameters, images, labels, graphed: bool = False):
     return capture(step, forward_backward_step, optimizer.zero_grad) if graphed else step
 
 
-def capture(warmup_step, body, before_capture=lambda: None, warmup: int = 3):
-    """``body`` captured in a CUDA graph, returned as its replay.
-
-    Warm-up calls run first on a side stream (lazy inits, cuBLAS workspaces, Triton
-    JIT, cached scan orders), as the CUDA-graph docs prescribe; then one capture.
-    Every replay repeats the captured kernels on the same buffers: the whole step is
-    one launch from the CPU, which is what a launch-bound model needs.
-    """
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            warmup_step()
-    torch.cuda.current_stream().wait_stream(side)
-    before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return graph.replay
-
-
 def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     if mode in ("eager", "cuda-graph"):
+        return model
+    if mode.startswith("compile-blocks"):
+        compile_blocks(model, dynamic=False)
         return model
     return torch.compile(model, dynamic=False,
                          mode="reduce-overhead" if mode == "reduce-overhead" else None)
@@ -169,53 +172,65 @@ def first_call_seconds(step) -> float:
     return time.perf_counter() - start
 
 
-def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
-              infer: bool = True) -> dict:
+def measure_train(runner, model, args, size: int, train_batch: int, graphed: bool) -> dict:
     device = torch.device("cuda")
-    torch.manual_seed(0)
-    torch._dynamo.reset()  # each row compiles afresh (and pays for it)
-    model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).to(device)
-    resolve_backend(backend, device)  # imported before tracing: an import would break the graph
-    runner = prepare(model, mode)
     images = torch.randn(train_batch, 3, size, size, device=device)
     labels = torch.randint(0, args.num_classes, (train_batch,), device=device)
-
     model.train()
-    graphed = mode == "cuda-graph"
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    try:
-        train_step = make_train_step(runner, model.parameters(), images, labels, graphed)
-    except RuntimeError as exc:  # a capture that fails is a finding, not a crash
-        return {"model": name, "backend": backend, "mode": mode, "img_size": size,
-                "train_batch": train_batch, "error": f"{type(exc).__name__}: {exc}"[:500]}
-    compile_s = first_call_seconds(train_step) + time.perf_counter() - start
+    train_step = make_train_step(runner, model.parameters(), images, labels, graphed)
+    first_s = first_call_seconds(train_step) + time.perf_counter() - start
     train_s = median_window_seconds(train_step, args.warmup, args.steps, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
-    launches = count_kernel_launches(train_step)
-    row = {
-        "model": name, "backend": backend, "mode": mode, "img_size": size,
-        "train_batch": train_batch, "train_img_s": round(train_batch / train_s, 1),
-        "train_step_ms": round(train_s * 1000, 2), "peak_train_mem_gib": round(peak_gib, 2),
-        "launches_per_train_step": launches, "first_train_step_s": round(compile_s, 1),
-    }
-    if infer:
-        model.eval()
-        infer_images = torch.randn(args.infer_batch, 3, size, size, device=device)
+    launches, gpu_ms, kernel_table = profile_step(train_step)
+    if args.profile:
+        print(f"{size}px bs{train_batch}: {launches} kernels, {gpu_ms:.1f} ms of GPU time "
+              f"per training step; the top {args.profile}:")
+        for kernel, ms, calls in kernel_table[:args.profile]:
+            print(f"  {ms:8.2f} ms {100 * ms / gpu_ms:5.1f} % {calls:5d}x  {kernel[:110]}")
+    return {"train_img_s": round(train_batch / train_s, 1), "train_step_ms": round(train_s * 1000, 2),
+            "peak_train_mem_gib": round(peak_gib, 2), "launches_per_train_step": launches,
+            "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}
 
-        def infer_step():
-            # plain no_grad under capture: inference tensors gain nothing in a graph
-            no_grad = torch.no_grad() if graphed else torch.inference_mode()
-            with no_grad, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
-                runner(infer_images)
-        start = time.perf_counter()
-        if graphed:
-            infer_step = capture(infer_step, infer_step)
-        row["first_infer_step_s"] = round(first_call_seconds(infer_step)
-                                          + time.perf_counter() - start, 1)
-        infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
-        row.update(infer_batch=args.infer_batch, infer_img_s=round(args.infer_batch / infer_s, 1))
-    del model, runner, train_step
+
+def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
+    model.eval()
+    images = torch.randn(args.infer_batch, 3, size, size, device="cuda")
+
+    def infer_step():
+        # plain no_grad under capture: inference tensors gain nothing in a graph
+        no_grad = torch.no_grad() if graphed else torch.inference_mode()
+        with no_grad, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
+            runner(images)
+    start = time.perf_counter()
+    if graphed:
+        infer_step = capture(infer_step, infer_step)
+    first_s = first_call_seconds(infer_step) + time.perf_counter() - start
+    infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
+    return {"first_infer_step_s": round(first_s, 1), "infer_batch": args.infer_batch,
+            "infer_img_s": round(args.infer_batch / infer_s, 1)}
+
+
+def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
+              infer: bool = True) -> dict:
+    """One row; a compile or capture that fails is a finding (the row's ``error``), not a crash."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()  # each row compiles afresh (and pays for it)
+    row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch}
+    if args.profile:
+        print(f"--- {name} {backend} {mode}", flush=True)
+    model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
+    resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
+    graphed = mode.endswith("cuda-graph")
+    try:
+        runner = prepare(model, mode)
+        row.update(measure_train(runner, model, args, size, train_batch, graphed))
+        if infer:
+            row.update(measure_infer(runner, model, args, size, graphed))
+    except Exception as exc:
+        row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    del model
     torch.cuda.empty_cache()
     return row
 
@@ -271,7 +286,8 @@ def main(argv=None) -> dict:
         for mode in args.modes:
             add(bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
     header = ("model", "backend", "mode", "img_size", "train_batch", "train_img_s",
-              "train_step_ms", "peak_train_mem_gib", "launches_per_train_step",
+              "train_step_ms", "gpu_ms_per_train_step", "peak_train_mem_gib",
+              "launches_per_train_step",
               "first_train_step_s", "infer_img_s")
     print(" | ".join(header))
     for row in rows:

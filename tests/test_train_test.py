@@ -506,30 +506,53 @@ def test_resume_is_exact(train_script, capsys, tmp_path, split, monkeypatch):
         read_csv(tmp_path / "broken" / "metrics.csv")[1]["train_loss"]
 
 
-def test_compile_flag_trains_through_the_compiled_model(train_script, tmp_path, split,
+def test_compile_flag_compiles_regions_of_model_and_ema(train_script, tmp_path, split,
                                                         monkeypatch):
-    """--compile wraps the training model with torch.compile(dynamic=False) (here a
-    stand-in that records its calls); validation and checkpoints use the bare model."""
-    calls = {"compile": [], "train_forward": 0}
+    """--compile compiles the blocks of the model and of its EMA in place (recorded by a
+    stand-in for nn.Module.compile), validation runs at one static batch size, and the
+    checkpoint keys stay plain."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, **kwargs: compiled.append((self, kwargs)))
+    static_batches = []
+    real_validate = train_script.validate
 
-    class Compiled(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self._orig_mod = model
+    def spy_validate(*args, **kwargs):
+        static_batches.append(args[7] if len(args) > 7 else kwargs.get("static_batch"))
+        return real_validate(*args, **kwargs)
 
-        def forward(self, x):
-            calls["train_forward"] += 1
-            assert self._orig_mod.training  # only training batches come through here
-            return self._orig_mod(x)
-
-    def fake_compile(model, **kwargs):
-        calls["compile"].append(kwargs)
-        return Compiled(model)
-
-    monkeypatch.setattr(train_script.torch, "compile", fake_compile)
+    monkeypatch.setattr(train_script, "validate", spy_validate)
     out = tmp_path / "compiled"
     train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "1",
                                         "--compile", *TINY)])
-    assert calls["compile"] == [{"dynamic": False}] and calls["train_forward"] >= 1
+    # test_vit has 6 blocks; model and EMA each get theirs compiled, static shapes
+    assert len(compiled) == 12 and all(kw == {"dynamic": False} for _, kw in compiled)
+    assert len({id(module) for module, _ in compiled}) == 12
+    assert static_batches == [8, 8]  # raw and EMA validation, padded to --batch-size
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_validate_pads_the_last_batch_to_a_static_size():
+    from utils.amp import Precision
+    from utils.distributed import DistEnv
+    from utils.engine import pad_batch, validate
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.flatten(1)[:, :3] * torch.tensor([1.0, 2.0, 3.0])
+
+    images = torch.rand(5, 1, 2, 2)
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    loader = [(images[:2], labels[:2]), (images[2:4], labels[2:4]), (images[4:], labels[4:])]
+    env = DistEnv(device=torch.device("cpu"))
+    precision = Precision("off", torch.device("cpu"))
+    plain = validate(Probe(), loader, precision, env, 3)
+    assert seen == [2, 2, 1]
+    seen.clear()
+    padded = validate(Probe(), loader, precision, env, 3, static_batch=2)
+    assert seen == [2, 2, 2] and padded == plain  # the padding's outputs are dropped
+    assert pad_batch(images, 7).shape == (7, 1, 2, 2) and pad_batch(images, 7)[5:].abs().sum() == 0
+    assert pad_batch(images, None) is images and pad_batch(images, 3) is images

@@ -48,16 +48,42 @@ def _progress(total: int, desc: str, env: DistEnv):
                 disable=None if env.is_main else True)
 
 
+def heads_loss(criterion: Callable) -> Callable:
+    """``criterion`` over a model's outputs: the mean over its heads."""
+    def loss_fn(outputs, target):
+        heads = _heads(outputs)
+        return sum(criterion(h, target) for h in heads) / len(heads)
+    return loss_fn
+
+
+def _eager_step(model, images, target, criterion, optimizer, precision, params, max_norm,
+                distill):
+    """Forward and backward; returns ``(outputs, loss value, None)``. The caller checks the
+    loss (the step's one host sync, once the backward is queued) before the weights change."""
+    with precision.autocast():
+        outputs = model(images)
+        if distill is not None:
+            loss = distill(images, outputs, target)
+        else:
+            loss = heads_loss(criterion)(outputs, target)
+    optimizer.zero_grad(set_to_none=True)
+    precision.scaler.scale(loss).backward()
+    return outputs, loss.item(), None
+
+
 def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
                     optimizer: torch.optim.Optimizer, scheduler, precision: Precision,
                     env: DistEnv, epoch: int, num_classes: int, *,
                     mixup_fn: Optional[Callable] = None, ema=None, clip_grad: float = 0.0,
                     max_batches: Optional[int] = None, global_step: int = 0,
-                    distill: Optional[Callable] = None) -> dict:
+                    distill: Optional[Callable] = None, captured_step=None) -> dict:
     """Train for one epoch (``epoch`` is 1-based, for messages). Raises
     NonFiniteLossError at the first NaN/inf loss, before the weights are touched.
     ``distill(images, outputs, targets)``, when given, replaces ``criterion`` (it wraps
-    it) and runs the teacher on the same, already mixed, images under the same autocast."""
+    it) and runs the teacher on the same, already mixed, images under the same autocast.
+    ``captured_step``: a ``utils.cuda_graphs.CapturedTrainStep`` over this model,
+    criterion, optimizer and ``clip_grad`` that does forward to optimizer step in one
+    CUDA graph (there a NaN loss is seen only after the optimizer step)."""
     model.train()
     loss_m = AverageMeter("loss")
     k5 = min(5, num_classes)
@@ -79,26 +105,23 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
         hard_target = target
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
-        with precision.autocast():
-            outputs = model(images)
-            if distill is not None:
-                loss = distill(images, outputs, target)
-            else:
-                heads = _heads(outputs)
-                loss = sum(criterion(h, target) for h in heads) / len(heads)
-
-        optimizer.zero_grad(set_to_none=True)
-        precision.scaler.scale(loss).backward()
-        # the step's one host sync, once the backward is queued; the weights are
-        # still untouched, so a NaN stops the run before it spoils them
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise NonFiniteLossError(epoch, step, loss_value)
-        precision.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
+        if captured_step is not None:
+            outputs, loss, grad_norm = captured_step(images, target)
+            loss_value = loss.item()  # the step's one host sync
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise NonFiniteLossError(epoch, step, loss_value)
+        else:
+            outputs, loss_value, grad_norm = _eager_step(
+                model, images, target, criterion, optimizer, precision, params, max_norm,
+                distill)
+            if not math.isfinite(loss_value):
+                bar.close()
+                raise NonFiniteLossError(epoch, step, loss_value)
+            precision.scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
         scheduler.step()
         global_step += 1
         if ema is not None:
@@ -125,11 +148,22 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
             "lr": optimizer.param_groups[0]["lr"], "global_step": global_step}
 
 
+def pad_batch(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """``images`` padded with zero images up to ``size`` (a compiled model with static
+    shapes would recompile for a smaller last batch); unchanged when already that big."""
+    missing = 0 if size is None else size - images.shape[0]
+    if missing <= 0:
+        return images
+    return torch.cat([images, images.new_zeros((missing,) + images.shape[1:])])
+
+
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
              num_classes: int, max_batches: Optional[int] = None,
-             desc: str = "val") -> dict:
-    """Cross-entropy loss, ACC1 and ACC5 (percent) over the loader, all ranks summed."""
+             desc: str = "val", static_batch: Optional[int] = None) -> dict:
+    """Cross-entropy loss, ACC1 and ACC5 (percent) over the loader, all ranks summed.
+    ``static_batch``: run every batch at this size (a smaller one padded, the padding's
+    outputs dropped), for compiled models; in eval mode samples do not interact."""
     model.eval()
     k5 = min(5, num_classes)
     loss_sum = c1 = c5 = count = 0.0
@@ -141,7 +175,7 @@ def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
         images = images.to(env.device, non_blocking=True)
         target = target.to(env.device, non_blocking=True)
         with precision.autocast():
-            logits = _logits(model(images))
+            logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
         logits = logits.float()
         loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         a, b = topk_correct(logits, target, (1, k5))

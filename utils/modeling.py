@@ -101,3 +101,29 @@ def load_for_inference(model: torch.nn.Module, state_dict: Mapping[str, Any],
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise CheckpointError(f"weights in {source} do not match the model they describe: "
                               + " ".join(lines[:4])[:800]) from exc
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> list[str]:
+    """Regional compilation: ``torch.compile`` each repeated block in place.
+
+    Compiling the whole model traces every block separately; compiling the block
+    class instead lets blocks of one shape share one compiled graph (parameters are
+    graph inputs), so compile time grows with the number of distinct block shapes,
+    not the depth. For GroupMamba the regions are the stem, the downsampling layers,
+    the GroupMambaBlocks and the ClassBlock; for other timm models, the members of
+    ``blocks``/``stages`` lists, or the whole model when it has neither. Compiled in
+    place: state-dict keys do not change (no ``_orig_mod.`` prefix), and a copy made
+    later (an EMA) is compiled too. Returns the names of the compiled modules.
+    """
+    from models.groupmamba import ClassBlock, Downsample, GroupMambaBlock, Stem
+    regions = (GroupMambaBlock, ClassBlock, Stem, Downsample)
+    compiled = []
+    for name, module in model.named_modules():
+        in_block_list = name.rsplit(".", 1)[-1].isdigit() and name.split(".")[-2:-1] in (["blocks"], ["stages"])
+        if isinstance(module, regions) or in_block_list:
+            module.compile(**compile_kwargs)
+            compiled.append(name)
+    if not compiled:
+        model.compile(**compile_kwargs)
+        compiled.append("")
+    return compiled

@@ -23,9 +23,10 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
-                    betas=(0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+                    betas=(0.9, 0.999), eps: float = 1e-8, **adamw_options) -> torch.optim.Optimizer:
+    """``adamw_options`` go to ``torch.optim.AdamW`` (e.g. ``fused``, ``capturable``)."""
     return create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay,
-                               betas=tuple(betas), eps=eps)
+                               betas=tuple(betas), eps=eps, **adamw_options)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float,
