@@ -408,3 +408,11 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     assert names[:2] == ["patch_embed1", "block1.0"] and names[-1] == "post_network.0"
     assert len(names) == 4 + sum(model.depths) + 1 and compiled == [{"dynamic": False}] * len(names)
     assert list(model.state_dict()) == keys
+    import timm
+    with torch.device("meta"):
+        convnext = timm.create_model("convnext_atto")
+    # stages.N holds blocks.M: the outer region only, never a region inside a region
+    assert compile_blocks(convnext) == [f"stages.{i}" for i in range(4)]
+    with torch.device("meta"):
+        plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    assert compile_blocks(plain) == [""]  # neither blocks nor stages: the whole model

@@ -124,13 +124,17 @@ class CapturedTrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         for group, lr in zip(groups, self.lrs):
             group["lr"] = lr  # the captured optimizer reads the rate from this tensor
-        self.graph = torch.cuda.CUDAGraph()
+        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(graph):
                 self.result = self._forward_backward_step(*self.inputs)
+        except RuntimeError as exc:
+            raise RuntimeError(f"capturing the training step in a CUDA graph failed ({exc}); "
+                               "train without --cuda-graph") from exc
         finally:
             for group, lr in zip(groups, floats):
                 group["lr"] = lr
+        self.graph = graph
 
     def __call__(self, images: torch.Tensor, target: torch.Tensor):
         self.calls += 1

@@ -119,6 +119,8 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> list[str]:
     regions = (GroupMambaBlock, ClassBlock, Stem, Downsample)
     compiled = []
     for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in compiled):
+            continue  # inside a region already compiled (e.g. stages.0.blocks.1)
         in_block_list = name.rsplit(".", 1)[-1].isdigit() and name.split(".")[-2:-1] in (["blocks"], ["stages"])
         if isinstance(module, regions) or in_block_list:
             module.compile(**compile_kwargs)
