@@ -56,10 +56,10 @@ def heads_loss(criterion: Callable) -> Callable:
     return loss_fn
 
 
-def _eager_step(model, images, target, criterion, optimizer, precision, params, max_norm,
-                distill):
-    """Forward and backward; returns ``(outputs, loss value, None)``. The caller checks the
-    loss (the step's one host sync, once the backward is queued) before the weights change."""
+def _forward_backward(model, images, target, criterion, optimizer, precision, distill):
+    """Forward and backward; returns ``(outputs, loss value)``. The value is read (the
+    step's one host sync) once the backward is queued and before the weights change, so
+    a NaN stops the run before it spoils them."""
     with precision.autocast():
         outputs = model(images)
         if distill is not None:
@@ -68,7 +68,7 @@ def _eager_step(model, images, target, criterion, optimizer, precision, params, 
             loss = heads_loss(criterion)(outputs, target)
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(loss).backward()
-    return outputs, loss.item(), None
+    return outputs, loss.item()
 
 
 def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
@@ -108,16 +108,13 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
         if captured_step is not None:
             outputs, loss, grad_norm = captured_step(images, target)
             loss_value = loss.item()  # the step's one host sync
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise NonFiniteLossError(epoch, step, loss_value)
         else:
-            outputs, loss_value, grad_norm = _eager_step(
-                model, images, target, criterion, optimizer, precision, params, max_norm,
-                distill)
-            if not math.isfinite(loss_value):
-                bar.close()
-                raise NonFiniteLossError(epoch, step, loss_value)
+            outputs, loss_value = _forward_backward(model, images, target, criterion,
+                                                    optimizer, precision, distill)
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise NonFiniteLossError(epoch, step, loss_value)
+        if captured_step is None:
             precision.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             precision.scaler.step(optimizer)
