@@ -14,7 +14,7 @@ END_S=${END_S:-570}  # seconds after which everything must be finished
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1
 pack() {
-    tar -czf "$OUT/.all.tgz" --exclude='*.pth' runs/session.log runs/tta_* runs/gpu1_* 2>/dev/null
+    tar -czf "$OUT/.all.tgz" --exclude='*.pth' --exclude='*.tmp' runs/session.log runs/tta_* runs/gpu1_* 2>/dev/null
     mv "$OUT/.all.tgz" "$OUT/all.tgz"
 }
 {
@@ -29,10 +29,10 @@ a=$!
 (
     export CUDA_VISIBLE_DEVICES=1 GROUPMAMBA_REFERENCE_DIR=$PWD/.carry/reference
     timeout 120 python3 -m pytest -q tests/test_cuda_graphs.py tests/test_models_gpu.py >runs/gpu1_tests.log 2>&1
-    echo "$(date +%T) GPU 1 tests exit $?" >>runs/session.log
+    rc=$?; echo "$(date +%T) GPU 1 tests exit $rc" >>runs/session.log
     timeout $((END_S - 300 - SECONDS)) python3 bench/bench_model.py --models groupmamba_tiny --backends cuda \
         --modes compile-blocks+cuda-graph --extra-train --json runs/gpu1_h200.json >runs/gpu1_bench.log 2>&1
-    echo "$(date +%T) GPU 1 bench exit $?" >>runs/session.log
+    rc=$?; echo "$(date +%T) GPU 1 bench exit $rc" >>runs/session.log
     until [ -f runs/tta_a/metrics.csv ] || ! kill -0 $a 2>/dev/null; do sleep 2; done
     echo "$(date +%T) GPU 1 starts time to accuracy (cache warm) $B_FLAGS" >>runs/session.log
     timeout $((END_S - SECONDS)) python3 bench/time_to_accuracy.py \

@@ -4,7 +4,8 @@
     python bench/time_to_accuracy.py --from-run runs/tta   # only read a finished run
     python bench/time_to_accuracy.py -- --img-size 128     # extra train.py flags after --
 
-It runs ``train.py --preset fast --time-limit <budget>`` on the split in ``--data``
+It runs ``train.py --preset fast --time-limit <budget> --fit-time-limit`` (the
+learning-rate schedule shortened to the epochs that fit into the budget) on the split in ``--data``
 (``makedata.py``'s default: seed 42), then reads the run's ``metrics.csv``:
 
 - ``time_to_95_s``: ``elapsed_s`` (wall seconds since the first training step,
@@ -87,7 +88,7 @@ def summarise(rows: list[dict], target: float, budget: float) -> dict:
 
 def train(args, extra: list[str]) -> None:
     command = [sys.executable, str(ROOT / "train.py"), "--preset", "fast", "--data", args.data,
-               "--time-limit", str(args.budget), "--output", str(args.output)]
+               "--time-limit", str(args.budget), "--fit-time-limit", "--output", str(args.output)]
     command += ["--force"] if args.force else []
     print("running:", " ".join(command + extra), flush=True)
     subprocess.run(command + extra, check=True)

@@ -39,6 +39,41 @@ def test_flips_exact_per_sample():
     assert torch.equal(flip_batch(x, 1.0, 0.0), x.flip(-1))
 
 
+def dihedral(a: torch.Tensor) -> list[torch.Tensor]:
+    """The eight rotations/reflections of a square image by multiples of 90 degrees."""
+    flips = [a, a.flip(-1), a.flip(-2), a.flip(-1).flip(-2)]
+    return flips + [f.transpose(-1, -2) for f in flips]
+
+
+def test_flips_and_transposes_cover_all_eight_orientations():
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (800, 3, 8, 8), dtype=torch.uint8)
+    y = flip_batch(x, 0.5, 0.5, transpose=0.5)
+    kinds = []
+    for a, b in zip(x, y):
+        matches = [i for i, o in enumerate(dihedral(a)) if torch.equal(o, b)]
+        assert len(matches) == 1
+        kinds.append(matches[0])
+    counts = torch.bincount(torch.tensor(kinds), minlength=8).float() / len(kinds)
+    assert torch.all((counts - 0.125).abs() < 0.05), counts
+    assert torch.equal(flip_batch(x, 0.0, 0.0, transpose=1.0), x.transpose(-1, -2))
+    with pytest.raises(ValueError, match="square"):
+        flip_batch(torch.zeros(2, 3, 4, 6), 0.5, 0.5, transpose=0.5)
+
+
+def test_random_transpose_dataloader_path():
+    from utils.transforms import RandomTranspose
+
+    img = Image.fromarray(torch.randint(0, 256, (6, 6, 3), dtype=torch.uint8).numpy())
+    t = TF.pil_to_tensor(img)
+    assert torch.equal(TF.pil_to_tensor(RandomTranspose(1.0)(img)), t.transpose(-1, -2))
+    assert RandomTranspose(0.0)(img) is img
+    assert torch.equal(RandomTranspose(1.0)(t), t.transpose(-1, -2))
+    steps = [type(s) for s in train_transform(24, MEAN, STD, transpose=0.5).transforms]
+    assert RandomTranspose in steps
+    assert RandomTranspose not in [type(s) for s in train_transform(24, MEAN, STD).transforms]
+
+
 def test_cutout_masks_match_random_erasing_bounds():
     torch.manual_seed(0)
     n, h, w = 4000, 64, 48
@@ -243,6 +278,32 @@ def test_crop_is_an_upsampled_window_like_resized_crop():
     assert len(found) > 40  # positions spread over the 81 possible
 
 
+def test_transpose_in_the_affine_path():
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 12, 12) * 255
+    t = lambda v: torch.tensor([float(v)])  # noqa: E731
+    theta = compose_theta(t(0), t(0), t(12), t(12), torch.tensor([False]),
+                          torch.tensor([True]), t(0), 12, 12, torch.tensor([True]))
+    # vertical flip, then transpose: a quarter turn
+    assert (warp_batch(x, theta) - x.flip(-2).transpose(-1, -2)).abs().max() < 1e-3
+    theta = compose_theta(t(0), t(0), t(12), t(12), torch.tensor([False]),
+                          torch.tensor([False]), t(math.radians(30)), 12, 12,
+                          torch.tensor([True]))
+    ref = TF.rotate(x.transpose(-1, -2), 30.0, T.InterpolationMode.BILINEAR)
+    assert (warp_batch(x, theta) - ref)[..., 3:-3, 3:-3].abs().max() < 1e-3
+    # through the loader: a full-image crop with flips and transposes gives all 8
+    x = torch.randint(0, 256, (96, 3, 12, 12), dtype=torch.uint8)
+    loader = GpuLoader(x, torch.arange(96), 96, MEAN, STD, train=True, hflip=0.5, vflip=0.5,
+                       transpose=0.5, scale=(1, 1), ratio=(1, 1))
+    (y, order), = loader
+    kinds = set()
+    for a, b in zip(normalized(x)[order], y):
+        match = [i for i, o in enumerate(dihedral(a)) if (o - b).abs().max() < 1e-4]
+        assert len(match) == 1
+        kinds.add(match[0])
+    assert kinds == set(range(8))
+
+
 def test_random_theta_statistics():
     torch.manual_seed(0)
     n, h, w, lo, hi = 4000, 32, 32, 0.2, 0.6
@@ -310,6 +371,8 @@ def test_train_transform_crop_rotate_and_bad_values():
 
 
 def test_augment_args_from_train_flags():
-    assert augment_args(Namespace()) == dict(scale=None, ratio=CROP_RATIO, rotate=0.0)
+    assert augment_args(Namespace()) == dict(scale=None, ratio=CROP_RATIO, rotate=0.0,
+                                             transpose=0.0)
     args = Namespace(scale=[0.08, 1.0], ratio=[0.5, 2.0], rotate=10.0)
-    assert augment_args(args) == dict(scale=(0.08, 1.0), ratio=(0.5, 2.0), rotate=10.0)
+    assert augment_args(args) == dict(scale=(0.08, 1.0), ratio=(0.5, 2.0), rotate=10.0,
+                                      transpose=0.0)

@@ -288,14 +288,18 @@ def test_train_bad_arguments(train_script, capsys, tmp_path, split):
     train_fails(train_script, capsys, split, out, "rotate", "--rotate", "200")
     train_fails(train_script, capsys, split, out, "--save-every", "--save-every", "0")
     train_fails(train_script, capsys, split, out, "--time-limit", "--time-limit", "0")
+    train_fails(train_script, capsys, split, out, "--fit-time-limit needs --time-limit",
+                "--fit-time-limit")
+    train_fails(train_script, capsys, split, out, "--transpose", "--transpose", "1.5")
     assert not out.exists()
 
 
 def test_presets_set_defaults_and_flags_win(train_script):
     args, _ = train_script.parse_args(["--preset", "fast"])
-    assert (args.img_size, args.batch_size, args.gpu_data) == (160, 128, "auto")
+    assert (args.img_size, args.batch_size, args.gpu_data, args.transpose) == (160, 64, "auto",
+                                                                             0.5)
     args, _ = train_script.parse_args(["--preset", "fast", "--img-size", "128", "--compile"])
-    assert args.img_size == 128 and args.compile and args.lr == 1e-3
+    assert args.img_size == 128 and args.compile and args.lr == 5e-4
     assert train_script.parse_args([])[0].compile is False
 
 
@@ -452,6 +456,53 @@ def test_schedule_warmup_then_cosine():
     assert f(0) == pytest.approx(0.01) and f(10) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-9)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_set_schedule_length_shortens_a_running_cosine():
+    from utils.optim import build_scheduler, set_schedule_length
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_scheduler(opt, total_steps=100, warmup_steps=10, lr=1.0, min_lr=0.0)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    before = opt.param_groups[0]["lr"]
+    set_schedule_length(sched, total_steps=50, warmup_steps=10, lr=1.0, min_lr=0.0)
+    opt.step()
+    sched.step()  # step 41 of 50: late in the new cosine, well below the old curve
+    assert opt.param_groups[0]["lr"] < 0.2 < 0.7 < before
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_epochs_within_limit(train_script):
+    rows = [{"epoch": 1, "epoch_time_s": 100.0, "elapsed_s": 100.0}]
+    assert train_script.epochs_within_limit(rows, 300) is None  # only the compiling epoch
+    rows += [{"epoch": 2, "epoch_time_s": 2.0, "elapsed_s": 102.0},
+             {"epoch": 3, "epoch_time_s": 3.0, "elapsed_s": 105.0},
+             {"epoch": 4, "epoch_time_s": 2.0, "elapsed_s": 107.0}]
+    # median 2 s an epoch, 193 s left: 96 more epochs
+    assert train_script.epochs_within_limit(rows, 300) == 4 + 96
+    assert train_script.epochs_within_limit(rows, 100) == 4  # past the limit: none more
+
+
+def test_fit_time_limit_ends_the_run_and_schedule_early(train_script, tmp_path, split,
+                                                        monkeypatch):
+    """--fit-time-limit lowers --epochs to what fits and the lr reaches --min-lr there."""
+    fits = lambda history, limit: 3 if len(history) >= 2 else None  # noqa: E731
+    monkeypatch.setattr(train_script, "epochs_within_limit", fits)
+    out = tmp_path / "fit"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "8",
+                                        "--time-limit", "1000", "--fit-time-limit",
+                                        "--warmup-epochs", "0", "--min-lr", "0", *TINY)])
+    rows = read_csv(out / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)
+    assert "3 epochs fit into 1000 s" in (out / "train.log").read_text()
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 3 and ckpt["args"]["epochs"] == 3
 
 
 def test_to_cpu_snapshot_is_not_aliased():

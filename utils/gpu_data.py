@@ -4,13 +4,13 @@ Every image is decoded once (``utils.images.open_rgb``), resized to ``img_size``
 ``img_size`` with the same ``Resize`` as the DataLoader path, and kept as one uint8
 tensor ``(N, 3, H, W)`` on the device. Batches are then augmented on the device, in
 batches, with the DataLoader path's recipe (``utils.transforms.train_transform``):
-random horizontal/vertical flips per sample, scaling to 0..1 and normalisation, then
+random horizontal/vertical flips and transposes per sample, scaling to 0..1 and normalisation, then
 Cutout matching torchvision's ``RandomErasing(p, scale=(0.02, 0.4), ratio=(0.4, 2.5),
 value='random')`` per sample (one rectangle per image, drawn as a mask). Mixup/CutMix
 stay in the training loop. Validation batches are only normalised.
 
 With a random resized crop (``scale``/``ratio``) or a rotation (``rotate`` degrees) the
-crop, the flips and the rotation of each sample are folded into one affine matrix and
+crop, the flips, the transpose and the rotation of each sample are folded into one affine matrix and
 the batch is warped once (``affine_grid`` + bilinear ``grid_sample``, black outside
 the image) on float pixels, before normalisation. The crop is drawn like
 ``RandomResizedCrop.get_params``'s first attempt (clamped to the image when it does
@@ -72,16 +72,19 @@ def decode_images(samples: Sequence[tuple[str, int]], img_size: int, device: tor
                   threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
     """``(uint8 images (N, 3, S, S), int64 labels (N,))`` on ``device``."""
     resize = T.Resize((img_size, img_size), antialias=True)
+    # decoded into one numpy array, channels last, and made channels-first on the device
+    # in one go, instead of one strided torch copy per image on the CPU
+    pixels = np.empty((len(samples), img_size, img_size, 3), dtype=np.uint8)
 
-    def one(path: str) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(resize(open_rgb(path))).copy()).permute(2, 0, 1)
+    def one(item: tuple[int, str]) -> None:
+        i, path = item
+        pixels[i] = np.asarray(resize(open_rgb(path)))
 
-    images = torch.empty((len(samples), 3, img_size, img_size), dtype=torch.uint8)
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for i, img in enumerate(pool.map(one, [p for p, _ in samples])):
-            images[i] = img
+        list(pool.map(one, enumerate(p for p, _ in samples)))
+    images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return images.to(device), labels.to(device)
+    return images, labels.to(device)
 
 
 def shard_indices(n: int, epoch: int, seed: int, rank: int = 0,
@@ -95,8 +98,10 @@ def shard_indices(n: int, epoch: int, seed: int, rank: int = 0,
     return order[rank:total:world_size]
 
 
-def flip_batch(x: torch.Tensor, hflip: float, vflip: float) -> torch.Tensor:
-    """Flip each image left-right with probability hflip and up-down with vflip."""
+def flip_batch(x: torch.Tensor, hflip: float, vflip: float,
+               transpose: float = 0.0) -> torch.Tensor:
+    """Flip each image left-right with probability hflip and up-down with vflip, then
+    swap its height and width with probability transpose (square images only)."""
     n = x.shape[0]
     if hflip > 0:
         m = (torch.rand(n, device=x.device) < hflip).view(n, 1, 1, 1)
@@ -104,7 +109,16 @@ def flip_batch(x: torch.Tensor, hflip: float, vflip: float) -> torch.Tensor:
     if vflip > 0:
         m = (torch.rand(n, device=x.device) < vflip).view(n, 1, 1, 1)
         x = torch.where(m, x.flip(-2), x)
+    if transpose > 0:
+        _check_square(x.shape[-2], x.shape[-1])
+        m = (torch.rand(n, device=x.device) < transpose).view(n, 1, 1, 1)
+        x = torch.where(m, x.transpose(-1, -2), x)
     return x
+
+
+def _check_square(h: int, w: int) -> None:
+    if h != w:
+        raise ValueError(f"a random transpose needs square images, got {h} x {w}")
 
 
 def cutout_masks(n: int, h: int, w: int, p: float, device, scale=CUTOUT_SCALE,
@@ -155,17 +169,24 @@ def crop_boxes(n: int, h: int, w: int, scale, ratio, device) -> tuple[torch.Tens
     return top, left, ch, cw
 
 
-def compose_theta(top, left, ch, cw, hflip, vflip, angle, h: int, w: int) -> torch.Tensor:
+def compose_theta(top, left, ch, cw, hflip, vflip, angle, h: int, w: int,
+                  transpose=None) -> torch.Tensor:
     """``affine_grid`` theta (n, 2, 3) for an h x w output of an h x w input that is
-    cropped to the box, flipped where ``hflip``/``vflip`` (bool), then rotated by
-    ``angle`` radians counter-clockwise (torchvision's sense), about the centre.
+    cropped to the box, flipped where ``hflip``/``vflip`` (bool), transposed where
+    ``transpose`` (bool, square images only), then rotated by ``angle`` radians
+    counter-clockwise (torchvision's sense), about the centre.
 
     theta maps output to input coordinates (-1..1, align_corners=False), so the steps
-    compose in reverse: inverse rotation, then flip, then the crop's scale and shift."""
+    compose in reverse: inverse rotation, then transpose, then flip, then the crop's
+    scale and shift."""
     cos, sin = angle.cos(), angle.sin()
     # inverse rotation in pixels, rescaled to normalised coordinates (h != w)
     r0 = torch.stack([cos, -sin * (h / w)], -1)
     r1 = torch.stack([sin * (w / h), cos], -1)
+    if transpose is not None:
+        _check_square(h, w)
+        swap = transpose.view(-1, 1)  # a transpose swaps the rows of the inverse rotation
+        r0, r1 = torch.where(swap, r1, r0), torch.where(swap, r0, r1)
     sx = (cw / w) * (1 - 2 * hflip.to(cw.dtype))
     sy = (ch / h) * (1 - 2 * vflip.to(ch.dtype))
     tx = (2 * left + cw) / w - 1  # crop centre
@@ -176,10 +197,11 @@ def compose_theta(top, left, ch, cw, hflip, vflip, angle, h: int, w: int) -> tor
 
 
 def random_affine_theta(n: int, h: int, w: int, device, *, scale=None, ratio=CROP_RATIO,
-                        hflip: float = 0.0, vflip: float = 0.0,
-                        rotate: float = 0.0) -> torch.Tensor:
-    """theta (n, 2, 3) of a random resized crop (``scale`` None: the whole image), flips
-    and a rotation uniform in [-rotate, rotate] degrees, all from the global generator."""
+                        hflip: float = 0.0, vflip: float = 0.0, rotate: float = 0.0,
+                        transpose: float = 0.0) -> torch.Tensor:
+    """theta (n, 2, 3) of a random resized crop (``scale`` None: the whole image), flips,
+    transposes and a rotation uniform in [-rotate, rotate] degrees, all from the global
+    generator."""
     if scale is None:
         zero = torch.zeros(n, device=device)
         top, left, ch, cw = zero, zero, zero + h, zero + w
@@ -188,7 +210,8 @@ def random_affine_theta(n: int, h: int, w: int, device, *, scale=None, ratio=CRO
     flip_h = torch.rand(n, device=device) < hflip
     flip_v = torch.rand(n, device=device) < vflip
     angle = torch.empty(n, device=device).uniform_(-rotate, rotate).deg2rad_()
-    return compose_theta(top, left, ch, cw, flip_h, flip_v, angle, h, w)
+    swap = torch.rand(n, device=device) < transpose if transpose > 0 else None
+    return compose_theta(top, left, ch, cw, flip_h, flip_v, angle, h, w, swap)
 
 
 def warp_batch(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
@@ -218,12 +241,12 @@ class GpuLoader:
                  mean, std, *, train: bool, seed: int = 0, rank: int = 0,
                  world_size: int = 1, order: Optional[Sequence[int]] = None,
                  hflip: float = 0.0, vflip: float = 0.0, cutout: float = 0.0,
-                 scale=None, ratio=CROP_RATIO, rotate: float = 0.0):
+                 scale=None, ratio=CROP_RATIO, rotate: float = 0.0, transpose: float = 0.0):
         self.images, self.labels, self.batch_size = images, labels, int(batch_size)
         self.mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
         self.train, self.seed, self.rank, self.world_size = train, seed, rank, world_size
-        self.hflip, self.vflip, self.cutout = hflip, vflip, cutout
+        self.hflip, self.vflip, self.cutout, self.transpose = hflip, vflip, cutout, transpose
         self.scale, self.ratio, self.rotate = check_augment(scale, ratio, rotate)
         self.order = None if order is None else torch.as_tensor(list(order), dtype=torch.long)
         self.epoch = 0
@@ -260,12 +283,14 @@ class GpuLoader:
     def augment(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 training batch -> augmented, normalised float batch."""
         if self.scale is None and self.rotate == 0:
-            x = flip_batch(x, self.hflip, self.vflip)  # exact flips, no resampling
+            # exact flips and transposes, no resampling
+            x = flip_batch(x, self.hflip, self.vflip, self.transpose)
         else:
             n, _, h, w = x.shape
             theta = random_affine_theta(n, h, w, x.device, scale=self.scale,
                                         ratio=self.ratio, hflip=self.hflip,
-                                        vflip=self.vflip, rotate=self.rotate)
+                                        vflip=self.vflip, rotate=self.rotate,
+                                        transpose=self.transpose)
             # warp before normalising, so the zero fill is black as in torchvision
             x = warp_batch(x.float(), theta)
         x = normalize_batch(x, self.mean, self.std)
@@ -273,11 +298,13 @@ class GpuLoader:
 
 
 def augment_args(args) -> dict:
-    """Crop/rotation settings from train.py's args (absent or None: off / the default)."""
+    """Crop/rotation/transpose settings from train.py's args (absent or None: off / the
+    default; runs saved before an option existed lack it)."""
     scale = getattr(args, "scale", None)
     return dict(scale=None if scale is None else tuple(scale),
                 ratio=tuple(getattr(args, "ratio", None) or CROP_RATIO),
-                rotate=getattr(args, "rotate", None) or 0.0)
+                rotate=getattr(args, "rotate", None) or 0.0,
+                transpose=getattr(args, "transpose", None) or 0.0)
 
 
 def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):

@@ -10,7 +10,9 @@ schedule is a ``torch.optim.lr_scheduler.LambdaLR`` stepped once per optimizer s
 
 Its state (a step counter and the base rates) is plain data, so it resumes exactly
 from a checkpoint; the shape itself is rebuilt from the arguments, so a resumed run
-with more ``--epochs`` stretches the remaining cosine over the new length.
+with more ``--epochs`` stretches the remaining cosine over the new length, and
+``set_schedule_length`` shortens a running schedule in place (train.py's
+``--fit-time-limit``).
 """
 
 from __future__ import annotations
@@ -49,3 +51,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
                     lr: float, min_lr: float) -> LambdaLR:
     ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
     return LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, ratio))
+
+
+def set_schedule_length(scheduler: LambdaLR, total_steps: int, warmup_steps: int,
+                        lr: float, min_lr: float) -> None:
+    """Give a running ``build_scheduler`` schedule a new length; the step count is kept,
+    so the cosine continues from where the new length puts it."""
+    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
+    factor = warmup_cosine(total_steps, min(warmup_steps, total_steps // 2), ratio)
+    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)

@@ -2,8 +2,10 @@
 
 Training: resize to ``img_size`` x ``img_size`` -- or, with ``scale=(lo, hi)``,
 ``RandomResizedCrop(img_size, scale, ratio)`` instead -- random horizontal and vertical
-flips, with ``rotate > 0`` a ``RandomRotation(rotate)`` (bilinear, black fill), to
-tensor, normalise, then Cutout. Cutout is torchvision's ``RandomErasing(p=0.5,
+flips, with ``transpose > 0`` a random transpose (height and width swapped: with both
+flips at 0.5 and transpose at 0.5 all eight rotations and reflections by multiples of
+90 degrees are equally likely, exact, with no resampling), with ``rotate > 0`` a
+``RandomRotation(rotate)`` (bilinear, black fill), to tensor, normalise, then Cutout. Cutout is torchvision's ``RandomErasing(p=0.5,
 scale=(0.02, 0.4), ratio=(0.4, 2.5), value='random')`` -- the maintained equivalent of
 torchtoolbox's ``Cutout`` used by the tutorial (torchtoolbox fails to import with
 NumPy >= 1.24). It runs after normalisation so its random fill has the data's scale.
@@ -22,6 +24,8 @@ import math
 import os
 from pathlib import Path
 
+import torch
+from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torchvision import transforms as T
 
@@ -79,9 +83,28 @@ def check_augment(scale, ratio, rotate) -> tuple[tuple[float, float] | None,
     return scale, ratio, rotate
 
 
+class RandomTranspose(torch.nn.Module):
+    """Swap height and width (a reflection in the main diagonal) with probability p;
+    a PIL image or a tensor (..., H, W)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, img):
+        if torch.rand(1).item() >= self.p:
+            return img
+        if isinstance(img, Image.Image):
+            return img.transpose(Image.Transpose.TRANSPOSE)
+        return img.transpose(-1, -2)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(p={self.p})"
+
+
 def train_transform(img_size: int, mean, std, hflip: float = 0.5, vflip: float = 0.5,
                     cutout: float = 0.5, scale=None, ratio=(3 / 4, 4 / 3),
-                    rotate: float = 0.0) -> T.Compose:
+                    rotate: float = 0.0, transpose: float = 0.0) -> T.Compose:
     scale, ratio, rotate = check_augment(scale, ratio, rotate)
     if scale is None:
         steps = [T.Resize((img_size, img_size), antialias=True)]
@@ -91,6 +114,8 @@ def train_transform(img_size: int, mean, std, hflip: float = 0.5, vflip: float =
         steps.append(T.RandomHorizontalFlip(hflip))
     if vflip > 0:
         steps.append(T.RandomVerticalFlip(vflip))
+    if transpose > 0:
+        steps.append(RandomTranspose(transpose))
     if rotate > 0:
         steps.append(T.RandomRotation(rotate, interpolation=T.InterpolationMode.BILINEAR,
                                       fill=0))
