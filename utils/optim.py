@@ -47,16 +47,20 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float,
     return factor
 
 
+def lr_factor(total_steps: int, warmup_steps: int, lr: float, min_lr: float):
+    """``warmup_cosine`` from learning rates (min_lr as a ratio of lr)."""
+    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
+    return warmup_cosine(total_steps, warmup_steps, ratio)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
                     lr: float, min_lr: float) -> LambdaLR:
-    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
-    return LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps, ratio))
+    return LambdaLR(optimizer, lr_factor(total_steps, warmup_steps, lr, min_lr))
 
 
 def set_schedule_length(scheduler: LambdaLR, total_steps: int, warmup_steps: int,
                         lr: float, min_lr: float) -> None:
     """Give a running ``build_scheduler`` schedule a new length; the step count is kept,
     so the cosine continues from where the new length puts it."""
-    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
-    factor = warmup_cosine(total_steps, min(warmup_steps, total_steps // 2), ratio)
+    factor = lr_factor(total_steps, min(warmup_steps, total_steps // 2), lr, min_lr)
     scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
