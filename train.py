@@ -72,10 +72,11 @@ weights_only=True)``. An existing non-empty --output is refused unless --resume
 points into it or --force is given (--force replaces only the file names above).
 
 Presets (--preset) change defaults only; flags given on the command line win.
-``fast``: the one-GPU short-schedule recipe of issue 5 (160 px, batch 128, lr 1e-3,
-3 warm-up epochs, 70 epochs, GPU-resident data, --compile and --cuda-graph, last.pth
-every 10 epochs); on one H200 it trains at ~1,650 img/s and reached 93.0 % val ACC1
-within 300 s, compiling included (bench/RESULTS.md).
+``fast``: the one-GPU short-schedule recipe of issue 5 (160 px, batch 64, lr 5e-4,
+3 warm-up epochs, 100 epochs, random transposes, GPU-resident data, --compile and
+--cuda-graph, last.pth every 10 epochs); on one H200, with --time-limit 300
+--fit-time-limit, it reached 94.8 % val ACC1 within 300 s with inductor's cache cold
+(compiling included) and 95 % after 243 s with it warm (bench/RESULTS.md).
 ``quick``: 64 px images, 2 epochs of at most 40 batches of 32, at most 10 validation
 batches per pass (a fixed shuffled subset), no warm-up. On the 2-core CPU machine
 the whole quick start (makedata, mean_std, this training with groupmamba_tiny on
