@@ -2,13 +2,14 @@
 # Time-to-accuracy recipes side by side, one per GPU (issue 5), in one device call:
 #   RUN_<gpu>="<name> cold|warm [train.py flags...]"   for gpu = 0, 1, ...
 # Every run is bench/time_to_accuracy.py (train.py --preset fast --time-limit $BUDGET
-# --fit-time-limit) with the flags added. "cold" runs start at once (inductor's cache as found); "warm"
-# runs start when the first cold run has finished its first epoch (its graphs are then
-# in the cache, so a warm run of the same image and batch size compiles from it).
-# With BENCH_GPU=<gpu> that GPU runs bench_model (compiled blocks + CUDA graph, 224 px)
-# beside the runs, then the GPU tests (with .carry/reference, carried). Inductor's cache lives in runs/inductor_cache, so a second
-# call on the same (still warm) machine finds it; SKIP_SETUP=1 then skips building the
-# scan extension and making the split again.
+# --fit-time-limit) with the flags added. "cold" runs start at once (inductor's cache
+# as found); "warm" runs start when the first cold run has finished its first epoch
+# (its graphs are then in the cache, so a warm run of the same image and batch size
+# compiles from it). With BENCH_GPU=<gpu> that GPU runs bench_model (compiled blocks +
+# CUDA graph, 224 px) beside the runs, then the GPU tests (with .carry/reference,
+# carried). Inductor's cache lives in runs/inductor_cache, so a second call on the
+# same (still warm) machine finds it; SKIP_SETUP=1 then skips building the scan
+# extension and making the split again.
 # Logs and metrics (no checkpoints) are packed into $OUT/all.tgz every 15 s.
 #   RUN_0="base cold" RUN_1="t05 warm --transpose 0.5" OUT=gpu_logs bash bench/gpu_session_sweep.sh
 set -uo pipefail
@@ -31,10 +32,11 @@ pack() {
 } >>runs/session.log 2>&1
 echo "$(date +%T) setup done" >>runs/session.log
 
-first_cold=""
+gpus=(); first_cold=""
 for gpu in 0 1 2 3 4 5 6 7; do
     spec_var="RUN_$gpu"; spec=${!spec_var:-}
     [ -n "$spec" ] || continue
+    gpus+=("$gpu")
     read -r name mode flags <<<"$spec"
     [ "$mode" = cold ] && [ -z "$first_cold" ] && first_cold=$name
 done
@@ -54,10 +56,9 @@ if [ -n "$BENCH_GPU" ]; then
     ) &
     pids+=($!)
 fi
-for gpu in 0 1 2 3 4 5 6 7; do
-    spec_var="RUN_$gpu"; spec=${!spec_var:-}
-    [ -n "$spec" ] || continue
-    read -r name mode flags <<<"$spec"
+for gpu in "${gpus[@]}"; do
+    spec_var="RUN_$gpu"
+    read -r name mode flags <<<"${!spec_var}"
     (
         if [ "$mode" = warm ] && [ -n "$first_cold" ]; then
             until [ -f "runs/tta_$first_cold/metrics.csv" ] || [ $SECONDS -gt $((END_S - BUDGET)) ]; do

@@ -4,20 +4,21 @@ Every image is decoded once (``utils.images.open_rgb``), resized to ``img_size``
 ``img_size`` with the same ``Resize`` as the DataLoader path, and kept as one uint8
 tensor ``(N, 3, H, W)`` on the device. Batches are then augmented on the device, in
 batches, with the DataLoader path's recipe (``utils.transforms.train_transform``):
-random horizontal/vertical flips and transposes per sample, scaling to 0..1 and normalisation, then
-Cutout matching torchvision's ``RandomErasing(p, scale=(0.02, 0.4), ratio=(0.4, 2.5),
-value='random')`` per sample (one rectangle per image, drawn as a mask). Mixup/CutMix
-stay in the training loop. Validation batches are only normalised.
+random horizontal/vertical flips and transposes per sample, scaling to 0..1 and
+normalisation, then Cutout matching torchvision's ``RandomErasing(p, scale=(0.02,
+0.4), ratio=(0.4, 2.5), value='random')`` per sample (one rectangle per image, drawn
+as a mask). Mixup/CutMix stay in the training loop. Validation batches are only
+normalised.
 
 With a random resized crop (``scale``/``ratio``) or a rotation (``rotate`` degrees) the
-crop, the flips, the transpose and the rotation of each sample are folded into one affine matrix and
-the batch is warped once (``affine_grid`` + bilinear ``grid_sample``, black outside
-the image) on float pixels, before normalisation. The crop is drawn like
-``RandomResizedCrop.get_params``'s first attempt (clamped to the image when it does
-not fit, instead of retrying); unlike the DataLoader path it crops the stored
-``img_size`` square, not the original image, so the aspect ratio is relative to the
-squashed image. Crops never shrink, so no antialiasing is lost. Without crop and
-rotation the flips stay exact pixel flips (``flip_batch``).
+crop, the flips, the transpose and the rotation of each sample are folded into one
+affine matrix and the batch is warped once (``affine_grid`` + bilinear ``grid_sample``,
+black outside the image) on float pixels, before normalisation. The crop is drawn like
+``RandomResizedCrop.get_params``'s first attempt (clamped to the image when it does not
+fit, instead of retrying); unlike the DataLoader path it crops the stored ``img_size``
+square, not the original image, so the aspect ratio is relative to the squashed image.
+Crops never shrink, so no antialiasing is lost. Without crop and rotation the flips and
+transposes stay exact pixel moves (``flip_batch``).
 
 Shuffling repeats ``DistributedSampler(shuffle=True, seed, drop_last=False)`` exactly:
 a permutation from a generator seeded with ``seed + epoch``, padded with its own start

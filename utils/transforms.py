@@ -3,14 +3,15 @@
 Training: resize to ``img_size`` x ``img_size`` -- or, with ``scale=(lo, hi)``,
 ``RandomResizedCrop(img_size, scale, ratio)`` instead -- random horizontal and vertical
 flips, with ``transpose > 0`` a random transpose (height and width swapped: with both
-flips at 0.5 and transpose at 0.5 all eight rotations and reflections by multiples of
-90 degrees are equally likely, exact, with no resampling), with ``rotate > 0`` a
-``RandomRotation(rotate)`` (bilinear, black fill), to tensor, normalise, then Cutout. Cutout is torchvision's ``RandomErasing(p=0.5,
-scale=(0.02, 0.4), ratio=(0.4, 2.5), value='random')`` -- the maintained equivalent of
-torchtoolbox's ``Cutout`` used by the tutorial (torchtoolbox fails to import with
-NumPy >= 1.24). It runs after normalisation so its random fill has the data's scale.
-Evaluation: resize, to tensor, normalise. ``utils.gpu_data`` repeats the training
-recipe on the device; ``check_augment`` validates the crop/rotation settings for both.
+flips at 0.5 and transpose at 0.5 all eight rotations and reflections by multiples of 90
+degrees are equally likely, exact, with no resampling), with ``rotate > 0`` a
+``RandomRotation(rotate)`` (bilinear, black fill), to tensor, normalise, then Cutout.
+Cutout is torchvision's ``RandomErasing(p=0.5, scale=(0.02, 0.4), ratio=(0.4, 2.5),
+value='random')`` -- the maintained equivalent of torchtoolbox's ``Cutout`` used by the
+tutorial (torchtoolbox fails to import with NumPy >= 1.24). It runs after normalisation
+so its random fill has the data's scale. Evaluation: resize, to tensor, normalise.
+``utils.gpu_data`` repeats the training recipe on the device; ``check_augment``
+validates the crop/rotation settings for both.
 
 Mean/std come from ``stats.json`` written by mean_std.py (``{"mean": [r, g, b],
 "std": [r, g, b]}``, values in 0..1); without that file ImageNet's are used, and
