@@ -34,7 +34,9 @@ Execution modes (``--modes``):
   compiling costs four stage shapes instead of the whole depth;
 - ``compile-blocks+cuda-graph``: both: inductor's fused kernels, one launch per step.
 
-Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
+Compiled rows record ``compile_s_train``/``compile_s_infer``: torch's own compile
+timers by phase (``utils.modeling.compile_seconds``) for the training and the
+inference part of the row. Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
 one training step (from the profiler), the floor a launch-free step would reach;
 ``--profile N`` prints the N kernels that take the most of it.
 
@@ -60,7 +62,7 @@ import models  # noqa: E402  (registers the GroupMamba variants with timm)
 from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
 from utils.cuda_graphs import capture  # noqa: E402
 from utils.images import update_json  # noqa: E402
-from utils.modeling import compile_blocks  # noqa: E402
+from utils.modeling import compile_blocks, compile_seconds  # noqa: E402
 
 MODES = ("eager", "cuda-graph", "compile", "reduce-overhead", "compile-blocks",
          "compile-blocks+cuda-graph")
@@ -212,6 +214,11 @@ def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
             "infer_img_s": round(args.infer_batch / infer_s, 1)}
 
 
+def seconds_between(before: dict, after: dict) -> dict:
+    """Compile seconds by phase spent between two ``compile_seconds()`` snapshots."""
+    return {key: round(value - before.get(key, 0.0), 1) for key, value in after.items()}
+
+
 def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
               infer: bool = True) -> dict:
     """One row; a compile or capture that fails is a finding (the row's ``error``), not a crash."""
@@ -225,9 +232,15 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     graphed = mode.endswith("cuda-graph")
     try:
         runner = prepare(model, mode)
+        before = compile_seconds()
         row.update(measure_train(runner, model, args, size, train_batch, graphed))
+        after_train = compile_seconds()
         if infer:
             row.update(measure_infer(runner, model, args, size, graphed))
+        if mode != "eager" and mode != "cuda-graph":
+            row["compile_s_train"] = seconds_between(before, after_train)
+            if infer:
+                row["compile_s_infer"] = seconds_between(after_train, compile_seconds())
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
     del model

@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Time-to-accuracy recipes side by side, one per GPU (issue 5), in one device call:
-#   RUN_<gpu>="<name> cold|warm [train.py flags...]"   for gpu = 0, 1, ...
-# Every run is bench/time_to_accuracy.py (train.py --preset fast --time-limit $BUDGET
-# --fit-time-limit) with the flags added. "cold" runs start at once (inductor's cache
-# as found); "warm" runs start when the first cold run has finished its first epoch
-# (its graphs are then in the cache, so a warm run of the same image and batch size
-# compiles from it). With BENCH_GPU=<gpu> that GPU runs bench_model (compiled blocks +
-# CUDA graph, 224 px) beside the runs, then the GPU tests (with .carry/reference,
-# carried). Inductor's cache lives in runs/inductor_cache, so a second call on the
-# same (still warm) machine finds it; SKIP_SETUP=1 then skips building the scan
-# extension and making the split again.
+# Time-to-accuracy runs and model benchmarks side by side, one per GPU (issue 5), in
+# one device call:
+#   RUN_<gpu>="<name> cold|warm [train.py flags...]"   a time-to-accuracy run
+#   BENCH_<gpu>="<name> [bench_model.py flags...]"     a bench_model run
+# for gpu = 0, 1, ... Every RUN is bench/time_to_accuracy.py (train.py --preset fast
+# --time-limit $BUDGET --fit-time-limit) with the flags added. "cold" runs start at
+# once (inductor's cache as found); "warm" runs start when the first cold run has
+# finished its first epoch (its graphs are then in the cache, so a warm run of the
+# same image and batch size compiles from it). A BENCH writes runs/bench_<name>.json
+# and .log; with TESTS_GPU=<gpu> the GPU tests run on that GPU after its BENCH (with
+# .carry/reference, carried). Inductor's cache lives in runs/inductor_cache, so a
+# second call on the same (still warm) machine finds it; SKIP_SETUP=1 then skips
+# building the scan extension and making the split again.
 # Logs and metrics (no checkpoints) are packed into $OUT/all.tgz every 15 s.
-#   RUN_0="base cold" RUN_1="t05 warm --transpose 0.5" OUT=gpu_logs bash bench/gpu_session_sweep.sh
+#   RUN_0="base cold" BENCH_1="tiny --models groupmamba_tiny --backends cuda" \
+#   TESTS_GPU=1 OUT=gpu_logs bash bench/gpu_session_sweep.sh
 set -uo pipefail
 OUT=${OUT:-gpu_logs}
 BUDGET=${BUDGET:-300}
 END_S=${END_S:-570}  # seconds after which everything must be finished
-BENCH_GPU=${BENCH_GPU:-}
+TESTS_GPU=${TESTS_GPU:-}
 SKIP_SETUP=${SKIP_SETUP:-0}
 mkdir -p "$OUT" runs
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=$PWD/runs/inductor_cache
@@ -41,19 +44,28 @@ for gpu in 0 1 2 3 4 5 6 7; do
     [ "$mode" = cold ] && [ -z "$first_cold" ] && first_cold=$name
 done
 pids=()
-if [ -n "$BENCH_GPU" ]; then
+gpu_tests() {
+    [ -d .carry/reference ] || return 0  # the GPU tests' reference data, carried
+    CUDA_VISIBLE_DEVICES=$1 GROUPMAMBA_REFERENCE_DIR=$PWD/.carry/reference \
+        timeout $((END_S - SECONDS)) python3 -m pytest -q tests/test_cuda_graphs.py \
+        tests/test_models_gpu.py tests/test_scan_gpu.py >runs/bench_gpu_tests.log 2>&1
+    rc=$?; echo "$(date +%T) GPU tests exit $rc" >>runs/session.log
+}
+for gpu in 0 1 2 3 4 5 6 7; do
+    spec_var="BENCH_$gpu"; spec=${!spec_var:-}
+    [ -n "$spec" ] || continue
+    read -r name flags <<<"$spec"
     (
-        echo "$(date +%T) bench_model on GPU $BENCH_GPU" >>runs/session.log
-        CUDA_VISIBLE_DEVICES=$BENCH_GPU timeout $((END_S - SECONDS)) python3 bench/bench_model.py \
-            --models groupmamba_tiny --backends cuda --modes compile-blocks+cuda-graph \
-            --extra-train --json runs/bench_h200.json >runs/bench_model.log 2>&1
-        rc=$?; echo "$(date +%T) bench exit $rc" >>runs/session.log
-        [ -d .carry/reference ] || exit 0  # the GPU tests' reference data, carried
-        CUDA_VISIBLE_DEVICES=$BENCH_GPU GROUPMAMBA_REFERENCE_DIR=$PWD/.carry/reference \
-            timeout $((END_S - SECONDS)) python3 -m pytest -q tests/test_cuda_graphs.py \
-            tests/test_models_gpu.py tests/test_scan_gpu.py >runs/bench_gpu_tests.log 2>&1
-        rc=$?; echo "$(date +%T) GPU tests exit $rc" >>runs/session.log
+        echo "$(date +%T) GPU $gpu bench $name: $flags" >>runs/session.log
+        CUDA_VISIBLE_DEVICES=$gpu timeout $((END_S - SECONDS)) python3 bench/bench_model.py \
+            $flags --json "runs/bench_$name.json" >"runs/bench_$name.log" 2>&1
+        rc=$?; echo "$(date +%T) GPU $gpu bench $name exit $rc" >>runs/session.log
+        [ "$TESTS_GPU" = "$gpu" ] && gpu_tests "$gpu"
     ) &
+    pids+=($!)
+done
+if [ -n "$TESTS_GPU" ] && [ -z "$(eval echo "\${BENCH_$TESTS_GPU:-}")" ]; then
+    gpu_tests "$TESTS_GPU" &
     pids+=($!)
 fi
 for gpu in "${gpus[@]}"; do

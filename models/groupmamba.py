@@ -237,6 +237,11 @@ class Stem(nn.Module):
         self.norm = nn.LayerNorm(out_dim)  # default eps in the release
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        # channels-last: with only stem_hidden_dim (32) channels, the NCHW BatchNorm
+        # kernels run one block per channel (an H200 profile: 12 ms of a 97 ms step in
+        # the three BatchNorms) and cuDNN converts every conv's input to NHWC; in this
+        # layout both are fast, and the tokens below are a free view of the proj output
+        x = x.contiguous(memory_format=torch.channels_last)
         tokens, height, width = _to_tokens(self.proj(self.conv(x)))
         return self.norm(tokens), height, width
 

@@ -416,3 +416,24 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     with torch.device("meta"):
         plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert compile_blocks(plain) == [""]  # neither blocks nor stages: the whole model
+
+
+def test_compile_seconds_grow_with_a_compile():
+    from utils.modeling import compile_seconds, describe_compile_seconds
+    before = compile_seconds()
+    layer = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), backend="aot_eager")
+    layer(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    after = compile_seconds()
+    assert after["frames"] > before.get("frames", 0.0) and after["backward"] >= 0.0
+    assert describe_compile_seconds(after).endswith("Triton kernel builds)")
+    assert describe_compile_seconds({}) == "no compile times reported"
+
+
+def test_stem_runs_its_convolutions_channels_last():
+    from models.groupmamba import Stem
+    stem = Stem(3, 8, 16)
+    seen = []
+    stem.conv[1].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    tokens, height, width = stem(torch.randn(2, 3, 32, 32))  # an NCHW batch, as loaders give
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert tokens.shape == (2, 64, 16) and (height, width) == (8, 8)

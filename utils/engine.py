@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.amp import Precision
 from utils.distributed import DistEnv, all_reduce_sums, unwrap_model
-from utils.metrics import AverageMeter, topk_correct, topk_hits
+from utils.metrics import AverageMeter, topk_hits
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,6 +31,12 @@ class NonFiniteLossError(RuntimeError):
         self.epoch, self.step, self.value = epoch, step, value
         super().__init__(f"loss is {value} at epoch {epoch}, step {step}: training "
                          "stopped (lower --lr, keep --clip-grad on, or try --amp bf16/off)")
+
+
+# train_one_epoch's "host_ms": per step, getting and mixing the batch, launching the
+# step (without a CUDA graph: running it, the loss read included), waiting for the GPU
+# to finish the previous captured step, the EMA update, the device-side metrics
+HOST_PHASES = ("data", "step", "wait", "ema", "metrics")
 
 
 def _heads(outputs) -> tuple[torch.Tensor, ...]:
@@ -96,6 +102,28 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
     start = time.perf_counter()
     step = 0
     bar = _progress(steps, f"epoch {epoch} train", env)
+    # host seconds by phase (where a step's wall time goes when the GPU is not the limit)
+    host = dict.fromkeys(HOST_PHASES, 0.0)
+    mark = start
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        host[phase] += now - mark
+        mark = now
+
+    def record_loss(at_step: int, value: float, n: int) -> None:
+        if not math.isfinite(value):
+            bar.close()
+            raise NonFiniteLossError(epoch, at_step, value)
+        loss_m.update(value, n)
+        bar.set_postfix(loss=f"{loss_m.avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+        bar.update(1)
+
+    # captured steps: the loss of step k is read once step k+1 is queued, so the host
+    # prepares the next batch while the GPU still runs (a NaN is seen one step later;
+    # in a captured step it is seen after the optimizer step anyway)
+    pending = None  # (step, loss copy, batch size) not yet read
     for step, (images, target) in enumerate(loader, start=1):
         if step > steps:
             step = steps
@@ -105,33 +133,38 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
         hard_target = target
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
+        lap("data")
         if captured_step is not None:
             outputs, loss, grad_norm = captured_step(images, target)
-            loss_value = loss.item()  # the step's one host sync
+            loss = loss.clone()  # the captured buffer is overwritten by the next replay
+            lap("step")
+            if pending is not None:
+                record_loss(pending[0], pending[1].item(), pending[2])
+            pending = (step, loss, images.shape[0])
+            lap("wait")
         else:
             outputs, loss_value = _forward_backward(model, images, target, criterion,
                                                     optimizer, precision, distill)
-        if not math.isfinite(loss_value):
-            bar.close()
-            raise NonFiniteLossError(epoch, step, loss_value)
-        if captured_step is None:
+            record_loss(step, loss_value, images.shape[0])
             precision.scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
             precision.scaler.step(optimizer)
             precision.scaler.update()
+            lap("step")
         scheduler.step()
         global_step += 1
         if ema is not None:
             ema.update(unwrap_model(model), step=global_step)
-
+        lap("ema")
         with torch.no_grad():
             finite = torch.isfinite(grad_norm)
             sums += torch.cat([topk_hits(_logits(outputs).float(), hard_target, (1, k5)),
                                torch.where(finite, grad_norm, 0.0).view(1).float(),
                                finite.view(1).float()])
-        loss_m.update(loss_value, images.shape[0])
-        bar.set_postfix(loss=f"{loss_m.avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.update(1)
+        lap("metrics")
+    if pending is not None:
+        record_loss(pending[0], pending[1].item(), pending[2])
+        lap("wait")
     bar.close()
     c1_local, c5_local, gn_sum, gn_count = sums.tolist()
     elapsed = time.perf_counter() - start
@@ -142,7 +175,8 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
             "acc5": 100.0 * c5_sum / count, "images": int(count), "steps": step,
             "time_s": elapsed, "img_s": count / elapsed if elapsed > 0 else float("nan"),
             "grad_norm": gn_sum / gn_count if gn_count else float("nan"),
-            "lr": optimizer.param_groups[0]["lr"], "global_step": global_step}
+            "lr": optimizer.param_groups[0]["lr"], "global_step": global_step,
+            "host_ms": {k: 1000.0 * v / max(step, 1) for k, v in host.items()}}
 
 
 def pad_batch(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
@@ -163,7 +197,9 @@ def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
     outputs dropped), for compiled models; in eval mode samples do not interact."""
     model.eval()
     k5 = min(5, num_classes)
-    loss_sum = c1 = c5 = count = 0.0
+    # loss sum, top-1 hits, top-5 hits: summed on the device, read once at the end
+    sums = torch.zeros(3, device=env.device)
+    count = 0
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
     bar = _progress(steps, desc, env)
     for i, (images, target) in enumerate(loader):
@@ -174,12 +210,13 @@ def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
         with precision.autocast():
             logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
         logits = logits.float()
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
-        a, b = topk_correct(logits, target, (1, k5))
-        c1, c5, count = c1 + a, c5 + b, count + images.shape[0]
+        sums += torch.cat([F.cross_entropy(logits, target, reduction="sum").view(1),
+                           topk_hits(logits, target, (1, k5))])
+        count += images.shape[0]
         bar.update(1)
     bar.close()
-    loss_sum, c1, c5, count = all_reduce_sums([loss_sum, c1, c5, count], env)
+    loss_sum, c1, c5 = sums.tolist()
+    loss_sum, c1, c5, count = all_reduce_sums([loss_sum, c1, c5, float(count)], env)
     n = max(count, 1.0)
     return {"loss": loss_sum / n, "acc1": 100.0 * c1 / n, "acc5": 100.0 * c5 / n,
             "images": int(count)}
@@ -187,17 +224,18 @@ def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
 
 @torch.no_grad()
 def predict_batches(model: torch.nn.Module, loader, precision: Precision,
-                    device: torch.device, desc: str = "predict",
-                    show_progress: bool = True) -> Iterator[tuple[torch.Tensor, tuple]]:
+                    device: torch.device, desc: str = "predict", show_progress: bool = True,
+                    static_batch: Optional[int] = None) -> Iterator[tuple[torch.Tensor, tuple]]:
     """Yield ``(probabilities on the CPU, the rest of the batch)`` for each batch; the
-    first element of each batch must be the image tensor."""
+    first element of each batch must be the image tensor. ``static_batch``: as in
+    :func:`validate` (a compiled model would otherwise recompile for the last batch)."""
     model.eval()
     bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True,
                disable=None if show_progress else True)
     for batch in loader:
         images, rest = batch[0].to(device, non_blocking=True), tuple(batch[1:])
         with precision.autocast():
-            logits = _logits(model(images))
+            logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
         yield logits.float().softmax(dim=1).cpu(), rest
         bar.update(1)
     bar.close()

@@ -308,7 +308,8 @@ def augment_args(args) -> dict:
                 transpose=getattr(args, "transpose", None) or 0.0)
 
 
-def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):
+def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order,
+                      val_batch_size: int):
     """Train and val GpuLoaders on ``env.device`` (decodes every image once)."""
     threads = max(2, args.workers)
     tx, ty = decode_images(train_split.samples, args.img_size, env.device, threads)
@@ -316,7 +317,7 @@ def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order):
     train = GpuLoader(tx, ty, args.batch_size, mean, std, train=True, seed=args.seed,
                       rank=env.rank, world_size=env.world_size, hflip=args.hflip,
                       vflip=args.vflip, cutout=args.cutout, **augment_args(args))
-    val = GpuLoader(vx, vy, args.batch_size, mean, std, train=False, order=val_order)
+    val = GpuLoader(vx, vy, val_batch_size, mean, std, train=False, order=val_order)
     return train, val
 
 

@@ -129,3 +129,34 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> list[str]:
         model.compile(**compile_kwargs)
         compiled.append("")
     return compiled
+
+
+# torch's dynamo_timed totals: whole-frame compiles (tracing, AOT autograd and the
+# forward graphs), the backward graphs (compiled at the first backward) and, inside
+# both, the wait for the Triton kernels built in worker processes
+_COMPILE_PHASES = {"_compile.compile_inner": "frames",
+                   "backward._backward_impl": "backward",
+                   "async_compile.wait": "kernel_builds"}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds spent compiling in this process so far, by phase (see _COMPILE_PHASES);
+    empty when this torch does not report them."""
+    try:
+        from torch._dynamo.utils import compile_times
+        headers, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # a private API: a torch without it just gets no figures
+        return {}
+    totals = dict(zip(headers, values))
+    return {name: float(totals[key]) for key, name in _COMPILE_PHASES.items()
+            if key in totals}
+
+
+def describe_compile_seconds(seconds: dict[str, float]) -> str:
+    """A log line's worth of :func:`compile_seconds`."""
+    if not seconds:
+        return "no compile times reported"
+    total = seconds.get("frames", 0.0) + seconds.get("backward", 0.0)
+    return (f"{total:.1f} s compiling ({seconds.get('frames', 0.0):.1f} s tracing and "
+            f"forward graphs, {seconds.get('backward', 0.0):.1f} s backward graphs; "
+            f"{seconds.get('kernel_builds', 0.0):.1f} s of it waiting for Triton kernel builds)")
