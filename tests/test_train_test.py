@@ -291,13 +291,16 @@ def test_train_bad_arguments(train_script, capsys, tmp_path, split):
     train_fails(train_script, capsys, split, out, "--fit-time-limit needs --time-limit",
                 "--fit-time-limit")
     train_fails(train_script, capsys, split, out, "--transpose", "--transpose", "1.5")
+    train_fails(train_script, capsys, split, out, "--val-batch-size", "--val-batch-size", "0")
     assert not out.exists()
 
 
 def test_presets_set_defaults_and_flags_win(train_script):
     args, _ = train_script.parse_args(["--preset", "fast"])
-    assert (args.img_size, args.batch_size, args.gpu_data, args.transpose) == (160, 64, "auto",
+    assert (args.img_size, args.batch_size, args.gpu_data, args.transpose) == (192, 64, "auto",
                                                                              0.5)
+    assert train_script.val_batch_size(args) == 256
+    assert train_script.val_batch_size(train_script.parse_args([])[0]) == 64  # --batch-size
     args, _ = train_script.parse_args(["--preset", "fast", "--img-size", "128", "--compile"])
     assert args.img_size == 128 and args.compile and args.lr == 5e-4
     assert train_script.parse_args([])[0].compile is False
