@@ -148,3 +148,19 @@ def test_predict_batches_pads_to_a_static_batch_and_trims():
     assert model.batch_sizes == [4, 4, 4]
     assert [probs.shape[0] for probs, _ in results] == [4, 4, 3]
     assert torch.equal(results[-1][1][0], torch.arange(3))
+
+
+def test_model_ema_leaves_bf16_weights_to_timms_stochastic_rounding():
+    from timm.utils import ModelEmaV3
+
+    from utils.ema import ModelEma
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    ours, timms = ModelEma(model, decay=0.999), ModelEmaV3(model, decay=0.999)
+    for step in range(1, 4):
+        with torch.no_grad():
+            model.weight.add_(torch.randn_like(model.weight) * 1e-2)
+        ours.update(model, step=step)
+        timms.update(model, step=step)
+    assert ours._low_precision
+    torch.testing.assert_close(ours.module.weight, timms.module.weight, rtol=0, atol=0)

@@ -25,6 +25,7 @@ class ModelEma(ModelEmaV3):
         super().__init__(model, **kwargs)
         self._pairs_for: int | None = None
         self._pairs: tuple[list, list, list, list] = ([], [], [], [])
+        self._low_precision = False  # a bf16/fp16 EMA tensor: timm's stochastic rounding
 
     def _tensor_pairs(self, model: torch.nn.Module) -> tuple[list, list, list, list]:
         if self._pairs_for != id(model):
@@ -35,13 +36,14 @@ class ModelEma(ModelEmaV3):
             others = [k for k, v in ema_state.items() if not v.is_floating_point()]
             self._pairs = ([ema_state[k] for k in floats], [model_state[k] for k in floats],
                            [ema_state[k] for k in others], [model_state[k] for k in others])
+            self._low_precision = any(ema_state[k].dtype in (torch.float16, torch.bfloat16)
+                                      for k in floats)
             self._pairs_for = id(model)
         return self._pairs
 
     def apply_update_(self, model: torch.nn.Module, decay: float) -> None:
         ema_floats, model_floats, ema_others, model_others = self._tensor_pairs(model)
-        low_precision = any(t.dtype in (torch.float16, torch.bfloat16) for t in ema_floats)
-        if self.device is not None or not self.foreach or low_precision:
+        if self.device is not None or not self.foreach or self._low_precision:
             # another device, no foreach, or stochastic rounding: timm's own update
             return super().apply_update_(model, decay)
         if ema_floats:
