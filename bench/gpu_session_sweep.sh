@@ -64,7 +64,8 @@ for gpu in 0 1 2 3 4 5 6 7; do
     ) &
     pids+=($!)
 done
-if [ -n "$TESTS_GPU" ] && [ -z "$(eval echo "\${BENCH_$TESTS_GPU:-}")" ]; then
+tests_bench_var="BENCH_$TESTS_GPU"
+if [ -n "$TESTS_GPU" ] && [ -z "${!tests_bench_var:-}" ]; then
     gpu_tests "$TESTS_GPU" &
     pids+=($!)
 fi

@@ -446,10 +446,10 @@ def test_predict_bad_checkpoints(test_script, capsys, tmp_path, trained, split):
 # ----------------------------------------------------------------------- units
 
 def test_topk_with_few_classes():
-    from utils.metrics import topk_correct
+    from utils.metrics import topk_hits
 
     logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
-    assert topk_correct(logits, torch.tensor([1, 2]), (1, 5)) == [1.0, 2.0]
+    assert topk_hits(logits, torch.tensor([1, 2]), (1, 5)).tolist() == [1.0, 2.0]
 
 
 def test_schedule_warmup_then_cosine():

@@ -35,17 +35,12 @@ class AverageMeter:
         return self.sum / self.count if self.count else float("nan")
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor,
-                 ks: Sequence[int]) -> list[float]:
-    """Number of samples whose target is among the top k logits, for each k.
+def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """Number of samples whose target is among the top k logits, for each k, as a float
+    tensor on the logits' device (no host sync).
 
     Each k is clamped to the class count, so "top-5" of a 3-class problem is top-3.
     """
-    return topk_hits(logits, target, ks).tolist()
-
-
-def topk_hits(logits: torch.Tensor, target: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-    """:func:`topk_correct` as a float tensor on the logits' device (no host sync)."""
     maxk = min(max(ks), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices            # (B, maxk)
     hit = pred.eq(target.view(-1, 1))                  # (B, maxk)
