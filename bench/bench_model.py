@@ -34,11 +34,15 @@ Execution modes (``--modes``):
   compiling costs four stage shapes instead of the whole depth;
 - ``compile-blocks+cuda-graph``: both: inductor's fused kernels, one launch per step.
 
+Compiled rows record ``--memory-budget`` (the compiler's activation memory budget:
+1 saves what its partitioner picks, lower values recompute activations in the
+backward to save memory).
 Compiled rows record ``compile_s_train``/``compile_s_infer``: torch's own compile
 timers by phase (``utils.modeling.compile_seconds``) for the training and the
 inference part of the row. Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
 one training step (from the profiler), the floor a launch-free step would reach;
-``--profile N`` prints the N kernels that take the most of it.
+``--profile N`` prints the N kernels that take the most of it (of the inference step too,
+whose GPU time is ``gpu_ms_per_infer_step``).
 
 With ``--json`` the file also gets the headline keys DESIGN.md asks for
 (``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
@@ -56,6 +60,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+import torch._functorch.config as functorch_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the GroupMamba variants with timm)
@@ -89,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="print the N kernels with the most GPU time per training step")
     parser.add_argument("--json", type=Path, default=None,
                         help="write (update) the results here")
+    compiled = parser.add_argument_group("compiled modes")
+    compiled.add_argument("--memory-budget", type=float, default=1.0,
+                          help="torch._functorch.config.activation_memory_budget: below 1 the "
+                               "compiler recomputes activations in the backward to save memory")
     args = parser.parse_args(argv)
     try:
         args.extra_train = [tuple(int(v) for v in item.split(":")) for item in args.extra_train]
@@ -130,6 +139,15 @@ def profile_step(step) -> tuple[int, float, list[tuple[str, float, int]]]:
         entry[1] += 1
     table = sorted(((name, ms, n) for name, (ms, n) in per_name.items()), key=lambda r: -r[1])
     return len(kernels), sum(ms for _, ms, _ in table), table
+
+
+def print_profile(what: str, gpu_ms: float, kernel_table, top: int) -> None:
+    """The ``top`` kernels of one profiled step (nothing when ``top`` is 0)."""
+    if not top:
+        return
+    print(f"{what}: {gpu_ms:.1f} ms of GPU time per step; the top {top}:")
+    for kernel, ms, calls in kernel_table[:top]:
+        print(f"  {ms:8.2f} ms {100 * ms / gpu_ms:5.1f} % {calls:5d}x  {kernel[:110]}")
 
 
 def make_train_step(model, parameters, images, labels, graphed: bool = False):
@@ -187,11 +205,7 @@ def measure_train(runner, model, args, size: int, train_batch: int, graphed: boo
     train_s = median_window_seconds(train_step, args.warmup, args.steps, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     launches, gpu_ms, kernel_table = profile_step(train_step)
-    if args.profile:
-        print(f"{size}px bs{train_batch}: {launches} kernels, {gpu_ms:.1f} ms of GPU time "
-              f"per training step; the top {args.profile}:")
-        for kernel, ms, calls in kernel_table[:args.profile]:
-            print(f"  {ms:8.2f} ms {100 * ms / gpu_ms:5.1f} % {calls:5d}x  {kernel[:110]}")
+    print_profile(f"{size}px bs{train_batch}: {launches} kernels, training", gpu_ms, kernel_table, args.profile)
     return {"train_img_s": round(train_batch / train_s, 1), "train_step_ms": round(train_s * 1000, 2),
             "peak_train_mem_gib": round(peak_gib, 2), "launches_per_train_step": launches,
             "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}
@@ -211,8 +225,10 @@ def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
         infer_step = capture(infer_step, infer_step)
     first_s = first_call_seconds(infer_step) + time.perf_counter() - start
     infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
+    _, gpu_ms, kernel_table = profile_step(infer_step)
+    print_profile(f"{size}px inference bs{args.infer_batch}", gpu_ms, kernel_table, args.profile)
     return {"first_infer_step_s": round(first_s, 1), "infer_batch": args.infer_batch,
-            "infer_img_s": round(args.infer_batch / infer_s, 1)}
+            "infer_img_s": round(args.infer_batch / infer_s, 1), "gpu_ms_per_infer_step": round(gpu_ms, 2)}
 
 
 def seconds_between(before: dict, after: dict) -> dict:
@@ -226,6 +242,8 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     torch.manual_seed(0)
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch}
+    if mode not in UNCOMPILED_MODES:
+        row["memory_budget"] = args.memory_budget
     if args.profile:
         print(f"--- {name} {backend} {mode}", flush=True)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
@@ -286,6 +304,7 @@ def main(argv=None) -> dict:
             backends.append(backend)
     if not backends:
         raise SystemExit("none of --backends can run here")
+    functorch_config.activation_memory_budget = args.memory_budget
     rows = []
 
     def add(row):

@@ -61,7 +61,9 @@ def test_captured_training_matches_uncaptured_steps():
         _, loss, norm = captured(images, labels)
         sched.step()  # the captured step reads the new rate at its next replay
         torch.testing.assert_close(loss, eager_loss.detach(), rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(norm, eager_norm, rtol=1e-4, atol=1e-5)
+        # bf16 gradients summed over the batch by GEMMs whose split-K cuBLAS may pick
+        # differently on the capture's side stream: 3e-4 apart seen on an H200
+        torch.testing.assert_close(norm, eager_norm, rtol=1e-3, atol=1e-5)
     assert captured.graph is not None and isinstance(graph_opt.param_groups[0]["lr"], float)
     for (name, a), b in zip(eager_model.named_parameters(), graph_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)

@@ -18,6 +18,7 @@ import torch.nn as nn
 import models
 from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, to_sequence
 from models.csms6s import SCAN_DIRECTIONS
+from models import ss2d
 from models.ss2d import can_batch
 from reference_data import NUMERICS_FILE, SHAPES_FILE, TOLERANCE, gradient_mismatches, rel_error, run_reference
 
@@ -140,8 +141,12 @@ def test_non_square_input_runs_forward_and_backward():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_batched_groups_equal_per_group_scans():
-    """The one batched pipeline per layer computes what the four SS2Ds do one by one."""
+@pytest.mark.parametrize("linear", ["batched", "block_diagonal"])
+def test_batched_groups_equal_per_group_scans(monkeypatch, linear):
+    """The one batched pipeline per layer computes what the four SS2Ds do one by one,
+    with either way of running the per-group projections (the GPU's block-diagonal
+    GEMM is forced here on the CPU)."""
+    monkeypatch.setattr(ss2d, "_grouped_linear", getattr(ss2d, f"_{linear}_linear"))
     model = small_model(num_classes=5).double().train()
     images = torch.randn(2, 3, 64, 96, dtype=torch.float64)
     results = []
@@ -158,6 +163,37 @@ def test_batched_groups_equal_per_group_scans():
     assert torch.allclose(dist1, dist0, rtol=1e-10, atol=1e-12)
     for name, grad in grads0.items():
         assert torch.allclose(grads1[name], grad, rtol=1e-8, atol=1e-12), name
+
+
+def test_grouped_linear_ways_agree_with_per_group_linears():
+    torch.manual_seed(0)
+    weights = [torch.randn(7, 5, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    biases = [torch.randn(7, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    x = torch.randn(2, 3, 20, dtype=torch.float64, requires_grad=True)
+    per_group = [nn.functional.linear(g, w, b) for g, w, b in zip(x.chunk(4, -1), weights, biases)]
+    expected = [torch.cat([out[..., lo:hi] for out in per_group], -1) for lo, hi in ((0, 2), (2, 3), (3, 7))]
+    for linear in (ss2d._batched_linear, ss2d._block_diagonal_linear):
+        got = linear(x, weights, [2, 1, 4], biases)
+        assert [t.shape for t in got] == [(2, 3, 8), (2, 3, 4), (2, 3, 16)]
+        for g, e in zip(got, expected):
+            assert torch.allclose(g, e, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, *wb: torch.cat(ss2d._block_diagonal_linear(x, wb[:4], [2, 1, 4],
+                                                                                          wb[4:]), -1),
+                                    (x, *weights, *biases))
+
+
+def test_scan_layout_round_trip_and_gradient():
+    order, inverse = ss2d._build_scan_orders(SCAN_DIRECTIONS, 3, 4, torch.device("cpu"))
+    x = torch.randn(2, 12, 4, 3, dtype=torch.float64, requires_grad=True)  # (B, L, G, K)
+    in_scan = ss2d._to_scan_layout(x, order, inverse)
+    assert in_scan.shape == (2, 4, 3, 12)
+    grid = x.detach().permute(0, 2, 3, 1).reshape(2, 4, 3, 3, 4)  # (B, G, K, H, W)
+    for group, direction in enumerate(SCAN_DIRECTIONS):
+        assert torch.equal(in_scan[:, group].detach(), to_sequence(grid[:, group], direction))
+    assert torch.equal(ss2d._from_scan_layout(in_scan, order, inverse), x)
+    assert torch.autograd.gradcheck(lambda t: ss2d._to_scan_layout(t, order, inverse), (x,))
+    scanned = in_scan.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: ss2d._from_scan_layout(t, order, inverse), (scanned,))
 
 
 def test_grouped_ss2d_falls_back_without_conv():
@@ -437,3 +473,4 @@ def test_stem_runs_its_convolutions_channels_last():
     tokens, height, width = stem(torch.randn(2, 3, 32, 32))  # an NCHW batch, as loaders give
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert tokens.shape == (2, 64, 16) and (height, width) == (8, 8)
+
