@@ -285,8 +285,8 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor) -> torch.Tensor:
     length = height * width
     d_inner = first.out_norm.normalized_shape[0]
 
-    # in_proj in one linear; two (signal and gate, each output then contiguous for
-    # the conv) measured 4 % slower per training step on an H200
+    # in_proj as one linear (the conv then copies its strided half); two linears,
+    # signal and gate, measured no faster on an H200 (bench/RESULTS.md, sixth session)
     xs, z = _grouped_linear(x, [s.in_proj.weight for s in scans], [d_inner, d_inner],
                             None if first.in_proj.bias is None else [s.in_proj.bias for s in scans])
     z = first.act(z)
