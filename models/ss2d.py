@@ -14,6 +14,7 @@ flattened over it), so official weights load unchanged.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Optional, Sequence
 
@@ -212,7 +213,7 @@ def _from_scan_layout(y: torch.Tensor, order: torch.Tensor, inverse: torch.Tenso
 
 
 def _section_bounds(sections: Sequence[int]) -> list[tuple[int, int]]:
-    ends = [sum(sections[:i + 1]) for i in range(len(sections))]
+    ends = list(itertools.accumulate(sections))
     return list(zip([0] + ends[:-1], ends))
 
 

@@ -16,9 +16,8 @@ import torch
 import torch.nn as nn
 
 import models
-from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, to_sequence
+from models import GroupMamba, checkpoint_filter_fn, from_sequence, load_pretrained, ss2d, to_sequence
 from models.csms6s import SCAN_DIRECTIONS
-from models import ss2d
 from models.ss2d import can_batch
 from reference_data import NUMERICS_FILE, SHAPES_FILE, TOLERANCE, gradient_mismatches, rel_error, run_reference
 
@@ -473,4 +472,3 @@ def test_stem_runs_its_convolutions_channels_last():
     tokens, height, width = stem(torch.randn(2, 3, 32, 32))  # an NCHW batch, as loaders give
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert tokens.shape == (2, 64, 16) and (height, width) == (8, 8)
-
