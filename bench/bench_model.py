@@ -36,7 +36,7 @@ Execution modes (``--modes``):
 
 Compiled rows record ``--memory-budget`` (the compiler's activation memory budget:
 1 saves what its partitioner picks, lower values recompute activations in the
-backward to save memory).
+backward to save memory) and any ``--inductor-config KEY=VALUE`` settings tried.
 Compiled rows record ``compile_s_train``/``compile_s_infer``: torch's own compile
 timers by phase (``utils.modeling.compile_seconds``) for the training and the
 inference part of the row. Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
@@ -52,6 +52,7 @@ time-to-accuracy figures of ``bench/time_to_accuracy.py``) are kept.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import sys
@@ -61,6 +62,7 @@ from pathlib import Path
 
 import torch
 import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the GroupMamba variants with timm)
@@ -98,12 +100,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     compiled.add_argument("--memory-budget", type=float, default=1.0,
                           help="torch._functorch.config.activation_memory_budget: below 1 the "
                                "compiler recomputes activations in the backward to save memory")
+    compiled.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
+                          help="torch._inductor.config settings to try, e.g. padding_stride_threshold=256 "
+                               "(values are Python literals)")
     args = parser.parse_args(argv)
+    try:
+        args.inductor_config = inductor_settings(args.inductor_config)
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         args.extra_train = [tuple(int(v) for v in item.split(":")) for item in args.extra_train]
     except ValueError:
         parser.error("--extra-train takes SIZE:BATCH pairs, e.g. 160:256")
     return args
+
+
+def inductor_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> ``{key: value}``, each key one of torch._inductor.config's."""
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not hasattr(inductor_config, key):
+            raise ValueError(f"--inductor-config takes KEY=VALUE with KEY a torch._inductor.config "
+                             f"setting, not {item!r}")
+        try:
+            settings[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            settings[key] = text  # a bare string, e.g. a backend name
+    return settings
 
 
 def median_window_seconds(step, warmup: int, steps: int, repeats: int) -> float:
@@ -244,6 +268,8 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch}
     if mode not in UNCOMPILED_MODES:
         row["memory_budget"] = args.memory_budget
+        if args.inductor_config:
+            row["inductor_config"] = args.inductor_config
     if args.profile:
         print(f"--- {name} {backend} {mode}", flush=True)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
@@ -305,6 +331,8 @@ def main(argv=None) -> dict:
     if not backends:
         raise SystemExit("none of --backends can run here")
     functorch_config.activation_memory_budget = args.memory_budget
+    for key, value in args.inductor_config.items():
+        setattr(inductor_config, key, value)
     rows = []
 
     def add(row):

@@ -82,3 +82,13 @@ def test_bench_model_headline_keys_take_the_fastest_mode():
     assert bench.parse_args(["--extra-train", "128:64"]).extra_train == [(128, 64)]
     with pytest.raises(SystemExit):
         bench.parse_args(["--extra-train", "big"])
+
+
+def test_bench_model_reads_inductor_settings():
+    bench = load("bench_model")
+    args = bench.parse_args(["--inductor-config", "padding_stride_threshold=256", "force_shape_pad=True"])
+    assert args.inductor_config == {"padding_stride_threshold": 256, "force_shape_pad": True}
+    assert bench.parse_args([]).inductor_config == {}
+    for bad in ("no_such_setting=1", "padding_stride_threshold"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--inductor-config", bad])
