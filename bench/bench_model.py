@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--extra-train", nargs="*", default=["160:256"], metavar="SIZE:BATCH",
                         help="more training-only rows for the first model (first backend)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="print the N kernels with the most GPU time per training step")
+                        help="print the N kernels with the most GPU time per training step "
+                             "(and per inference step)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write (update) the results here")
     compiled = parser.add_argument_group("compiled modes")

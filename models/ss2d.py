@@ -232,11 +232,11 @@ def _batched_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], sections: 
     groups = len(weights)
     lead = x.shape[:-1]
     tokens = x.reshape(-1, groups, x.shape[-1] // groups).transpose(0, 1)  # (G, N, in)
-    stacked = torch.stack(list(weights)).transpose(1, 2)  # (G, in, out)
+    stacked = _stacked(weights).transpose(1, 2)  # (G, in, out)
     if biases is None:
         out = torch.bmm(tokens, stacked)
     else:
-        out = torch.baddbmm(torch.stack(list(biases)).unsqueeze(1), tokens, stacked)
+        out = torch.baddbmm(_stacked(biases).unsqueeze(1), tokens, stacked)
     return [out[:, :, lo:hi].transpose(0, 1).reshape(*lead, groups * (hi - lo))
             for lo, hi in _section_bounds(sections)]
 
