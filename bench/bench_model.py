@@ -97,6 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(and per inference step)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write (update) the results here")
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="the depth-wise convs as fused Triton kernels that recompute them "
+                             "in the backward (GroupMamba.set_fused_kernels(True)): less memory")
     compiled = parser.add_argument_group("compiled modes")
     compiled.add_argument("--memory-budget", type=float, default=1.0,
                           help="torch._functorch.config.activation_memory_budget: below 1 the "
@@ -266,7 +269,8 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     """One row; a compile or capture that fails is a finding (the row's ``error``), not a crash."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
-    row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch}
+    row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch,
+           "fused_kernels": args.fused_kernels}
     if mode not in UNCOMPILED_MODES:
         row["memory_budget"] = args.memory_budget
         if args.inductor_config:
@@ -274,6 +278,8 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     if args.profile:
         print(f"--- {name} {backend} {mode}", flush=True)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
+    if hasattr(model, "set_fused_kernels"):
+        model.set_fused_kernels(args.fused_kernels)
     resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
     graphed = mode.endswith("cuda-graph")
     try:

@@ -26,6 +26,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from kernels import depthwise_conv
+
 from .csms6s import SCAN_DIRECTIONS
 from .ss2d import SS2D, can_batch, grouped_ss2d
 
@@ -66,7 +68,13 @@ class DWConv(nn.Module):
 
 
 class ConvMlp(nn.Module):
-    """PVT-v2 feed-forward: fc1, depth-wise conv, GELU, fc2."""
+    """PVT-v2 feed-forward: fc1, depth-wise conv, GELU, fc2.
+
+    With ``fused_kernel = True`` (see :meth:`GroupMamba.set_fused_kernels`), on CUDA
+    with Triton, the conv, GELU and fc2 run as one fused op
+    (:mod:`kernels.depthwise_conv`) that keeps only fc1's output for the backward
+    pass: less memory, but slower on an H200 so far. Off by default.
+    """
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -74,9 +82,16 @@ class ConvMlp(nn.Module):
         self.dwconv = DWConv(hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fused_kernel = False
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
+        if self.fused_kernel and x.is_cuda and depthwise_conv.HAS_TRITON:
+            conv = self.dwconv.dwconv
+            grid = x.view(x.shape[0], height, width, x.shape[-1])
+            out = depthwise_conv.conv3x3_act_linear(grid, conv.weight, conv.bias, "gelu",
+                                                    self.fc2.weight, self.fc2.bias)
+            return out.view(x.shape[0], height * width, -1)
         x = self.act(self.dwconv(x, height, width))
         return self.fc2(x)
 
@@ -114,6 +129,9 @@ class GroupMambaLayer(nn.Module):
         # run the four SS2Ds as one batched pipeline (same result, a quarter of the
         # kernel launches); False runs them one by one as released, for comparison
         self.batch_groups = True
+        # True: in the batched pipeline, the depth-wise conv + SiLU as one fused op on
+        # CUDA (kernels.depthwise_conv) instead of cuDNN's conv and a separate SiLU
+        self.fused_kernel = False
 
     def group_scans(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
@@ -127,7 +145,7 @@ class GroupMambaLayer(nn.Module):
         """Each channel quarter of ``(B, H, W, C)`` through its own SS2D, concatenated."""
         scans = self.group_scans()
         if self.batch_groups and can_batch(scans):
-            return grouped_ss2d(scans, grid)
+            return grouped_ss2d(scans, grid, fused_conv=self.fused_kernel)
         groups = grid.chunk(len(scans), dim=-1)
         return torch.cat([scan(group) for scan, group in zip(scans, groups)], dim=-1)
 
@@ -391,6 +409,17 @@ class GroupMamba(nn.Module):
 
     def _head_names(self) -> tuple[str, ...]:
         return HEAD_NAMES if self.distillation else HEAD_NAMES[:1]
+
+    def set_fused_kernels(self, enabled: bool) -> None:
+        """Use (or not) the fused depth-wise conv kernels on CUDA (:mod:`kernels.depthwise_conv`).
+
+        Same numerics (float32 accumulation); the backward recomputes the convs, so
+        training keeps about a third less activation memory, at a cost in speed
+        (groupmamba_tiny on an H200: bench/RESULTS.md, seventh session). Off by default.
+        """
+        for module in self.modules():
+            if isinstance(module, (ConvMlp, GroupMambaLayer)):
+                module.fused_kernel = enabled
 
     def set_scan_backend(self, backend: str) -> None:
         """Switch the selective-scan backend of every SS2D in the model."""

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import depthwise_conv
+
 from .csms6s import check_direction, from_sequence, selective_scan, to_sequence
 
 __all__ = ["SS2D", "can_batch", "grouped_ss2d"]
@@ -265,7 +267,13 @@ def _stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(tensors))
 
 
-def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor) -> torch.Tensor:
+def _is_plain_3x3(conv: nn.Conv2d) -> bool:
+    """Whether the fused kernel computes this depth-wise conv: 3x3, stride 1, zero padding 1."""
+    return (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
+
+
+def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = False) -> torch.Tensor:
     """All of ``scans`` on their channel groups of ``x`` as one batched computation.
 
     Equal to ``torch.cat([scan(g) for scan, g in zip(scans, x.chunk(G, -1))], -1)``
@@ -276,7 +284,8 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor) -> torch.Tensor:
     ``G * d_inner`` channels. Only the selective scan needs its own layout, each
     group's sequence contiguous in its scan order: its inputs are gathered into it
     and its output gathered back, with the groups side by side along D (B and C
-    with G groups).
+    with G groups). With ``fused_conv`` (and a CUDA tensor, Triton, a 3x3 conv) the
+    conv and SiLU run as one fused op (:mod:`kernels.depthwise_conv`).
 
     Shapes: ``(B, H, W, G * d_model)`` -> ``(B, H, W, G * d_model)``.
     """
@@ -294,10 +303,15 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor) -> torch.Tensor:
 
     # one depth-wise conv over all groups' channels, group g in channels [g * d_inner, (g + 1) * d_inner)
     conv = first.conv2d
+    conv_weight = torch.cat([s.conv2d.weight for s in scans])
     conv_bias = None if conv.bias is None else torch.cat([s.conv2d.bias for s in scans])
-    xs = F.conv2d(xs.permute(0, 3, 1, 2), torch.cat([s.conv2d.weight for s in scans]), conv_bias,
-                  conv.stride, conv.padding, conv.dilation, groups * d_inner)
-    xs = first.act(xs).permute(0, 2, 3, 1)  # (B, H, W, G * d_inner)
+    if fused_conv and xs.is_cuda and depthwise_conv.HAS_TRITON and _is_plain_3x3(conv):
+        # conv, bias and SiLU in one kernel; its backward recomputes the conv from xs
+        xs = depthwise_conv.conv3x3_act_linear(xs, conv_weight, conv_bias, "silu")
+    else:
+        xs = F.conv2d(xs.permute(0, 3, 1, 2), conv_weight, conv_bias,
+                      conv.stride, conv.padding, conv.dilation, groups * d_inner)
+        xs = first.act(xs).permute(0, 2, 3, 1)  # (B, H, W, G * d_inner)
 
     # x_proj and dt_proj depend on the position only, so they run before the reordering
     dt_rank, d_state = first.dt_rank, first.d_state

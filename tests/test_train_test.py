@@ -610,3 +610,10 @@ def test_validate_pads_the_last_batch_to_a_static_size():
     assert seen == [2, 2, 2] and padded == plain  # the padding's outputs are dropped
     assert pad_batch(images, 7).shape == (7, 1, 2, 2) and pad_batch(images, 7)[5:].abs().sum() == 0
     assert pad_batch(images, None) is images and pad_batch(images, 3) is images
+
+
+def test_fused_dwconv_needs_a_groupmamba_model(train_script, capsys):
+    assert train_script.parse_args(["--fused-dwconv"])[0].fused_dwconv
+    with pytest.raises(SystemExit):
+        train_script.parse_args(["--model", "resnet18", "--fused-dwconv"])
+    assert "GroupMamba models only" in capsys.readouterr().err

@@ -1,0 +1,191 @@
+"""The fused depth-wise conv + activation (+ linear) op of ``kernels.depthwise_conv``.
+
+On the CPU: the PyTorch reference equals the model's unfused layers, argument
+errors, and the Triton kernels under Triton's CPU interpreter (forward, every
+gradient, strided input, several programs per reduction, ``opcheck`` of the custom
+op's registration). On a GPU (skipped without CUDA): the model's blocks with and
+without the fused op, eager and compiled.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import depthwise_conv
+from models.groupmamba import ConvMlp, GroupMambaBlock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_reference_equals_the_unfused_feed_forward():
+    torch.manual_seed(0)
+    mlp = ConvMlp(8, 24).double()
+    tokens = torch.randn(2, 5 * 7, 8, dtype=torch.float64)
+    hidden = mlp.fc1(tokens)
+    fused = depthwise_conv.reference(hidden.view(2, 5, 7, 24), mlp.dwconv.dwconv.weight, mlp.dwconv.dwconv.bias,
+                                     "gelu", mlp.fc2.weight, mlp.fc2.bias)
+    torch.testing.assert_close(fused.view(2, 35, 8), mlp(tokens, 5, 7), rtol=1e-12, atol=1e-12)
+
+
+def test_reference_without_linear_is_conv_then_activation():
+    x = torch.randn(1, 4, 6, 3, dtype=torch.float64)
+    weight, bias = torch.randn(3, 1, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    expected = F.silu(F.conv2d(x.permute(0, 3, 1, 2), weight, bias, padding=1, groups=3)).permute(0, 2, 3, 1)
+    torch.testing.assert_close(depthwise_conv.reference(x, weight, bias, "silu"), expected)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"act": "relu6"}, "act must be one of"),
+    ({"x": torch.randn(2, 3, 4)}, "channels-last"),
+    ({"conv_weight": torch.randn(4, 1, 5, 5)}, "3x3 depth-wise"),
+])
+def test_bad_arguments_raise_value_error(kwargs, message):
+    args = {"x": torch.randn(1, 3, 3, 4), "conv_weight": torch.randn(4, 1, 3, 3), "conv_bias": None, "act": "gelu"}
+    args.update(kwargs)
+    for fn in (depthwise_conv.reference, depthwise_conv.conv3x3_act_linear):
+        with pytest.raises(ValueError, match=message):
+            fn(**args)
+
+
+_INTERPRETER_CHECK = r"""
+import torch
+from kernels import depthwise_conv
+from kernels.depthwise_conv import triton_dwconv
+
+triton_dwconv.CONFIG["max_block_w"] = 4  # rows split into several column blocks
+torch.manual_seed(0)
+
+def run(fn, x, params, bias, act, linear, strided, dy=None):
+    x = x.clone().requires_grad_()
+    params = [p.clone().requires_grad_() for p in params]
+    it = iter(params)
+    conv_w = next(it)
+    conv_b = next(it) if bias else None
+    lin_w = next(it) if linear else None
+    lin_b = next(it) if linear and bias else None
+    # a strided channels-last view: the first half of a twice-as-wide tensor
+    inp = torch.cat([x, torch.zeros_like(x)], -1)[..., :x.shape[-1]] if strided else x
+    y = fn(inp, conv_w, conv_b, act, lin_w, lin_b)
+    dy = torch.randn_like(y) if dy is None else dy
+    y.backward(dy)
+    return [y.detach(), x.grad] + [p.grad for p in params], dy
+
+# (B, H, W, C, linear out, act, bias, strided): C not a multiple of the channel block,
+# 1x1 and single-row images, masks on every border
+cases = [(2, 5, 7, 70, 12, "gelu", True, False), (1, 9, 4, 3, 0, "silu", True, True),
+         (3, 3, 3, 65, 5, "none", False, False), (1, 1, 1, 8, 4, "gelu", True, False),
+         (2, 11, 13, 130, 0, "gelu", False, True), (2, 1, 17, 6, 3, "silu", True, False)]
+worst = 0.0
+for B, H, W, C, O, act, bias, strided in cases:
+    x = torch.randn(B, H, W, C)
+    params = [0.3 * torch.randn(C, 1, 3, 3)] + ([torch.randn(C)] if bias else [])
+    if O:
+        params += [0.2 * torch.randn(O, C)] + ([torch.randn(O)] if bias else [])
+    ref, dy = run(depthwise_conv.reference, x, params, bias, act, bool(O), strided)
+    got, _ = run(depthwise_conv.conv3x3_act_linear, x, params, bias, act, bool(O), strided, dy)
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        worst = max(worst, ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item())
+
+x = torch.randn(2, 4, 5, 6)
+w, b = torch.randn(6, 1, 3, 3), torch.randn(6)
+lw, lb = torch.randn(3, 6), torch.randn(3)
+torch.library.opcheck(torch.ops.groupmamba_dwconv.conv3x3_act_linear.default,
+                      (x.requires_grad_(), w.requires_grad_(), b, "gelu", lw.requires_grad_(), lb))
+# the backward op's fake kernel promises contiguous gradients: the real one must deliver them
+torch.library.opcheck(torch.ops.groupmamba_dwconv.conv3x3_act_linear_backward.default,
+                      (torch.randn(2, 4, 5, 3), x.detach(), w.detach(), b, "silu", lw.detach(), lb))
+print("WORST", worst)
+assert worst < 1e-5, worst
+"""
+
+
+def _has_triton():
+    return depthwise_conv.HAS_TRITON
+
+
+@pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=900)
+    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
+        pytest.skip("this Triton's CPU interpreter is incompatible with this NumPy")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WORST" in proc.stdout
+
+
+# --------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()),
+                                reason="needs a CUDA GPU and Triton")
+
+
+def _block_grads(block, x, fused: bool, compiled: bool = False):
+    for module in block.modules():
+        if hasattr(module, "fused_kernel"):
+            module.fused_kernel = fused
+    block.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    run = torch.compile(block, fullgraph=True) if compiled else block
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = run(x, 14, 14)
+    out.float().square().mean().backward()
+    return out.float(), x.grad, {name: p.grad.clone() for name, p in block.named_parameters()}
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+@needs_cuda
+def test_fused_block_matches_unfused_in_float32():
+    torch.manual_seed(0)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    block = GroupMambaBlock(64, 4, scan_backend="torch").cuda()
+    x = torch.randn(2, 14 * 14, 64, device="cuda")
+    results = []
+    for fused in (True, False):
+        for module in block.modules():
+            if hasattr(module, "fused_kernel"):
+                module.fused_kernel = fused
+        block.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        out = block(xx, 14, 14)
+        out.square().mean().backward()
+        results.append((out, xx.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
+    assert _rel(out_f, out_u) < 1e-5 and _rel(dx_f, dx_u) < 1e-5
+    for name in g_u:
+        assert _rel(g_f[name], g_u[name]) < 1e-4, name
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_block_matches_unfused_under_bf16_autocast(compiled):
+    torch.manual_seed(0)
+    block = GroupMambaBlock(128, 8, scan_backend="triton").cuda()
+    x = torch.randn(4, 14 * 14, 128, device="cuda")
+    out_f, dx_f, g_f = _block_grads(block, x, fused=True, compiled=compiled)
+    out_u, dx_u, g_u = _block_grads(block, x, fused=False)
+    # bf16 rounding of the unfused conv output (the fused kernel keeps it in float32)
+    assert _rel(out_f, out_u) < 1e-2 and _rel(dx_f, dx_u) < 2e-2
+    for name in g_u:
+        assert _rel(g_f[name], g_u[name]) < 3e-2, name
+
+
+def test_fused_switch_leaves_cpu_results_unchanged():
+    """The fused op runs on CUDA only: on the CPU the switch changes nothing."""
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model("groupmamba_tiny", num_classes=3).eval()
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(images)
+        model.set_fused_kernels(True)
+        assert all(m.fused_kernel for m in model.modules() if hasattr(m, "fused_kernel"))
+        after = model(images)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
