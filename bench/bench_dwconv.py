@@ -2,6 +2,7 @@
 
     python bench/bench_dwconv.py                  # GroupMamba-tiny's feed-forward shapes, batch 128
     python bench/bench_dwconv.py --json results/bench_dwconv_h200.json
+    python bench/bench_dwconv.py --shipped-only --shapes stage1 stage2 stage3
 
 For each shape ``(B, H, W, C)`` (bf16, channels-last, GELU): the forward
 (``conv + bias + GELU``) and the backward (``dx, dw, db`` from ``dy``), once as
@@ -35,6 +36,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["stage1", "stage3"])
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
+    parser.add_argument("--shipped-only", action="store_true",
+                        help="time only the shipped launch configuration, no sweep")
     return parser.parse_args(argv)
 
 
@@ -100,7 +103,8 @@ def main(argv=None) -> list[dict]:
         rows.append({"shape": name, "dims": shape, "impl": "cudnn+gelu", **base,
                      "fwd_GBps": gbps(shape, 2, base["fwd_ms"]), "bwd_GBps": gbps(shape, 3, base["bwd_ms"])})
         print(rows[-1], flush=True)
-        for config in itertools.chain(sweep(ROW_SWEEP), sweep(REDUCTION_SWEEP)):
+        configs = [{}] if args.shipped_only else itertools.chain(sweep(ROW_SWEEP), sweep(REDUCTION_SWEEP))
+        for config in configs:
             kernels.CONFIG.update(default, **config)
             times = fused_times(shape, kernels, do_bench)
             rows.append({"shape": name, "dims": shape, "impl": "fused", "config": dict(kernels.CONFIG), **times,
