@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.images import atomic_write_json  # noqa: E402
 
 SHAPES = {"stage1": (128, 56, 56, 512), "stage2": (128, 28, 28, 1024), "stage3": (128, 14, 14, 1392)}
 ROW_SWEEP = {"max_block_w": (16, 64), "row_block_c": (32, 64, 128), "row_warps": (4, 8)}
@@ -115,10 +115,8 @@ def main(argv=None) -> list[dict]:
         kernels.CONFIG.update(default)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-        tmp = args.json.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=1))
-        tmp.replace(args.json)
+        atomic_write_json(args.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                      "rows": rows})
     return rows
 
 
