@@ -75,12 +75,16 @@ def from_sequence(y: torch.Tensor, direction: str, height: int, width: int) -> t
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    C: torch.Tensor, D: Optional[torch.Tensor], delta_bias: Optional[torch.Tensor],
                    delta_softplus: bool = True, backend: str = "auto") -> torch.Tensor:
-    """The selective scan as GroupMamba calls it: every input at least float32.
+    """The selective scan as GroupMamba calls it: float32 math and output.
 
     The released models run the scan in float32 even under mixed precision
     (the scan's exponentials and long products are what loses precision in
-    half), so half inputs are cast here rather than by each caller; float64
-    stays float64 so double-precision checks remain exact.
+    half). Every backend computes in float32 and returns a float32 ``y``
+    whatever the dtype of ``u``, ``delta``, ``B`` and ``C``, so half-precision
+    activations go in as they are: the same values as a float32 copy, but half
+    the bytes to write, read and keep for the backward. The parameters ``A``,
+    ``D`` and ``delta_bias`` are cast here; float64 stays float64 so
+    double-precision checks remain exact.
 
     Shapes: ``u, delta: (batch, D, L)``; ``A: (D, N)``; ``B, C: (batch, G, N, L)``;
     ``D, delta_bias: (D,)``. Returns ``(batch, D, L)`` in float32 (or float64).
@@ -88,5 +92,5 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     def fp32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
 
-    return selective_scan_fn(fp32(u), fp32(delta), fp32(A), fp32(B), fp32(C), fp32(D), fp32(delta_bias),
+    return selective_scan_fn(u, delta, fp32(A), B, C, fp32(D), fp32(delta_bias),
                              delta_softplus, backend=backend)

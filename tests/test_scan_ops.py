@@ -89,6 +89,19 @@ def test_opcheck(cpu_op, extras):
     torch.library.opcheck(cpu_op.fwd_op, (*args, True))
 
 
+def test_opcheck_half_inputs_give_float32_y(cpu_op):
+    """bf16 u, delta, B, C (as under autocast): y and its gradient float32, the
+    input gradients bf16; the fake kernel promises the same."""
+    args = make_inputs(2, 4, 7, 1, 2, dtype=torch.float32)
+    args = [t.bfloat16() if i in (0, 1, 3, 4) else t for i, t in enumerate(args)]
+    args = [t.requires_grad_() for t in args]
+    torch.library.opcheck(cpu_op.fwd_op, (*args, True))
+    y = cpu_op(*args, delta_softplus=True)
+    assert y.dtype == torch.float32
+    y.sum().backward()
+    assert [t.grad.dtype for t in args] == [t.dtype for t in args]
+
+
 def test_op_gradients_through_autograd(cpu_op):
     args = make_inputs(2, 6, 11, 1, 3)
     leaves = [t.clone().requires_grad_() for t in args]

@@ -142,8 +142,10 @@ def selective_scan_fn(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: 
 
     Shapes: ``u, delta: (batch, D, L)``; ``A: (D, N)``; ``B, C: (batch, G, N, L)``
     with G dividing D (channel ``d`` uses group ``d // (D // G)``); ``D, delta_bias: (D,)``.
-    Math is float32 whatever the input dtype; the output has ``u``'s dtype.
-    Returns ``y: (batch, D, L)``.
+    Math is float32 whatever the input dtype (float64 if an input is float64), and
+    ``y: (batch, D, L)`` comes back in that dtype: half-precision ``u``, ``delta``,
+    ``B``, ``C`` are read as they are (half the bytes of a float32 copy, the same
+    values), while ``y`` is not rounded to half. Gradients have their inputs' dtypes.
     """
     _check_shapes(u, delta, A, B, C, D, delta_bias)
     name = resolve_backend(backend, u.device)

@@ -14,8 +14,12 @@ scan without a graph break and AOTAutograd sees the backward as one opaque op.
 Conventions of the ops (the fake kernels promise exactly this):
 
 - every output is a fresh contiguous tensor;
-- ``y``, ``du``, ``ddelta``, ``dA``, ``dB``, ``dC`` have the shape and dtype of
-  ``u``, ``u``, ``delta``, ``A``, ``B``, ``C``;
+- ``y`` has ``u``'s shape and the dtype the math runs in (:func:`output_dtype`:
+  float32, or float64 when an input is float64), also for half-precision inputs:
+  GroupMamba normalises it in float32 next, and a half ``y`` would round it first;
+  ``dout`` (the gradient of ``y``) comes in that dtype;
+- ``du``, ``ddelta``, ``dA``, ``dB``, ``dC`` have the shape and dtype of
+  ``u``, ``delta``, ``A``, ``B``, ``C``;
 - ``dD`` / ``ddelta_bias`` have D's / delta_bias's shape and dtype, or are empty
   float32 tensors of shape ``(0,)`` when that argument is None (custom ops cannot
   return None).
@@ -30,7 +34,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NAMESPACE", "define_scan_op", "scan_fwd_explicit", "scan_bwd_explicit"]
+__all__ = ["NAMESPACE", "define_scan_op", "output_dtype", "scan_fwd_explicit", "scan_bwd_explicit"]
 
 NAMESPACE = "groupmamba_scan"
 
@@ -38,6 +42,15 @@ _ARGS = ("Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
          "Tensor? delta_bias, bool delta_softplus")
 _FWD_SCHEMA = f"({_ARGS}) -> Tensor"
 _BWD_SCHEMA = f"(Tensor dout, {_ARGS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+
+
+def output_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
+    """The dtype of ``y`` and of the math: float32, or float64 if any input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def _empty_like_contig(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +106,7 @@ def define_scan_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
 
     @fwd_op.register_fake
     def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus):
-        return _empty_like_contig(u)
+        return torch.empty(u.shape, dtype=output_dtype(u, delta, A, B, C, D, delta_bias), device=u.device)
 
     @bwd_op.register_fake
     def _bwd_fake(dout, u, delta, A, B, C, D, delta_bias, delta_softplus):
@@ -160,7 +173,7 @@ def define_scan_op(name: str, fwd_impl: Callable, bwd_impl: Callable,
 # ----------------------------------------------------------------------------------
 
 def _explicit_setup(u, delta, A, B, C, delta_bias, delta_softplus):
-    dtype = torch.float64 if torch.float64 in (u.dtype, delta.dtype, A.dtype) else torch.float32
+    dtype = output_dtype(u, delta, A, B, C)
     dim = u.shape[1]
     x = delta.to(dtype)
     if delta_bias is not None:
@@ -176,7 +189,7 @@ def _explicit_setup(u, delta, A, B, C, delta_bias, delta_softplus):
 
 
 def scan_fwd_explicit(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):
-    """Forward by a plain loop over L (float32 math, float64 if inputs are float64)."""
+    """Forward by a plain loop over L (float32 math and ``y``, float64 if an input is float64)."""
     dtype, _, _, _, Cc, _, dA, bx = _explicit_setup(u, delta, A, B, C, delta_bias, delta_softplus)
     h = torch.zeros(dA.shape[:3], dtype=dtype, device=u.device)
     ys = []
@@ -186,7 +199,7 @@ def scan_fwd_explicit(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     y = torch.stack(ys, dim=-1)
     if D is not None:
         y = y + D.to(dtype)[:, None] * u.to(dtype)
-    return y.to(u.dtype)
+    return y
 
 
 def scan_bwd_explicit(dout, u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False):

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._ops import output_dtype
+
 __all__ = ["linear_scan", "selective_scan_ref"]
 
 
@@ -95,15 +97,6 @@ def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _LinearScan.apply(a.contiguous(), b.contiguous())
 
 
-def _compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
-    """float32, or float64 if any input is float64 (so float64 tests stay exact)."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _per_channel(x: torch.Tensor, dim: int) -> torch.Tensor:
     """Repeat groups to channels: ``(batch, G, N, L)`` -> ``(batch, dim, N, L)``."""
     return x.repeat_interleave(dim // x.shape[1], dim=1)
@@ -119,11 +112,10 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     with G dividing D (channel ``d`` reads group ``d // (D // G)``);
     ``D, delta_bias: (D,)``. Shapes are validated by ``selective_scan_fn``.
 
-    Math runs in float32 (float64 if an input is float64); returns
-    ``y: (batch, D, L)`` in ``u``'s dtype.
+    Math runs in float32 (float64 if an input is float64, so float64 checks stay
+    exact); returns ``y: (batch, D, L)`` in that dtype, also for half inputs.
     """
-    out_dtype = u.dtype
-    dtype = _compute_dtype(u, delta, A, B, C, D, delta_bias)
+    dtype = output_dtype(u, delta, A, B, C, D, delta_bias)
     batch, dim, length = u.shape
     n_state = A.shape[1]
     if B.shape[1] != C.shape[1]:
@@ -156,4 +148,4 @@ def selective_scan_ref(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor,
     y = y.reshape(batch, dim, length)
     if D is not None:
         y = torch.addcmul(y, D.to(dtype)[:, None], u)
-    return y.to(out_dtype)
+    return y

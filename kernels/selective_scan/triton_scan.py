@@ -40,7 +40,7 @@ if not _INTERPRET and not torch.cuda.is_available():
     raise ImportError("the Triton scan backend needs a CUDA GPU, and torch.cuda.is_available() "
                       "is False (set TRITON_INTERPRET=1 to run its kernels on CPU for testing)")
 
-from ._ops import define_scan_op  # noqa: E402
+from ._ops import define_scan_op, output_dtype  # noqa: E402
 
 __all__ = ["selective_scan_triton", "ScanConfig", "fwd_config", "bwd_config", "candidate_configs"]
 
@@ -364,7 +364,7 @@ def _fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, config: Optional[Scan
     batch, dim, length = u.shape
     n_state = A.shape[1]
     groups = B.shape[1]
-    y = torch.empty(u.shape, dtype=u.dtype, device=u.device)
+    y = torch.empty(u.shape, dtype=output_dtype(u, delta, A, B, C, D, delta_bias), device=u.device)
     if y.numel() == 0:
         return y
     cfg = config or fwd_config(length, n_state, dim)

@@ -102,7 +102,7 @@ Tensor scan_fwd(const Tensor& u, const Tensor& delta, const Tensor& A, const Ten
   p.row_warps = row_warps ? int(row_warps) : gmscan::pick_fwd_row_warps(p.len);
   p.items = items ? int(items) : gmscan::pick_fwd_items(p.len, p.row_warps);
   const c10::cuda::CUDAGuard guard(u.device());
-  Tensor out = torch::empty_like(u);
+  Tensor out = torch::empty(u.sizes(), u.options().dtype(at::kFloat));  // float32 y for every io dtype
   if (u.numel() == 0) return out;
   p.out = out.data_ptr();
   const cudaError_t err = dispatch(true, p, u.scalar_type(), c10::cuda::getCurrentCUDAStream());
@@ -117,8 +117,8 @@ std::vector<Tensor> scan_bwd(const Tensor& dout, const Tensor& u, const Tensor& 
                              int64_t items) {
   gmscan::ScanParams p = make_params(u, delta, A, B, C, D, delta_bias, softplus);
   check_cuda_contig(dout, "dout");
-  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == u.scalar_type(),
-              "selective scan: dout must match u in shape and dtype");
+  TORCH_CHECK(dout.sizes() == u.sizes() && dout.scalar_type() == at::kFloat,
+              "selective scan (cuda): dout must be float32 (as y is) and match u in shape");
   TORCH_CHECK(items == 0 || items == 4 || items == 8,
               "selective scan (cuda): backward items must be 0 (auto), 4 or 8");
   p.items = items ? int(items) : gmscan::pick_bwd_items(p.len);

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) scan_bwd_kernel(const ScanPara
 
   const T* u = static_cast<const T*>(p.u) + row * L;
   const T* delta = static_cast<const T*>(p.delta) + row * L;
-  const T* dout = static_cast<const T*>(p.dout) + row * L;
+  const float* dout = static_cast<const float*>(p.dout) + row * L;
   T* du = static_cast<T*>(p.du) + row * L;
   T* ddelta = static_cast<T*>(p.ddelta) + row * L;
   const int64_t bc_base = bg * int64_t(p.nstate) * L;
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32) scan_bwd_kernel(const ScanPara
     float uv[ITEMS], xv[ITEMS], dt[ITEMS], dy[ITEMS], ddt[ITEMS], duv[ITEMS];
     load_items<T, ITEMS>(u, t0, valid, uv);
     load_items<T, ITEMS>(delta, t0, valid, xv);
-    load_items<T, ITEMS>(dout, t0, valid, dy);
+    load_items<float, ITEMS>(dout, t0, valid, dy);
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       xv[i] += bias;

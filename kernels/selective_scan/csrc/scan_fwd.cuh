@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) scan_fwd_kernel(const ScanPara
 
   const T* u = static_cast<const T*>(p.u) + row * L;
   const T* delta = static_cast<const T*>(p.delta) + row * L;
-  T* out = static_cast<T*>(p.out) + row * L;
+  float* out = static_cast<float*>(p.out) + row * L;  // y is float32 whatever T is
   const int64_t bc_base = (b * p.groups + grp) * int64_t(p.nstate) * L;
   const T* Bg = static_cast<const T*>(p.B) + bc_base;
   const T* Cg = static_cast<const T*>(p.C) + bc_base;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32) scan_fwd_kernel(const ScanPara
       const float h_out = fmaf(ta, h_in, tb);
       if (kSingleState || lane == n) carry = h_out;
     }
-    store_items<T, ITEMS>(out, t0, L, y);
+    store_items<float, ITEMS>(out, t0, L, y);
   }
 }
 

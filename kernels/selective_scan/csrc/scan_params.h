@@ -21,7 +21,7 @@ struct ScanParams {
   int items = 0;      // elements per thread per chunk
   int row_warps = 1;  // forward only: warps sharing one row (1 or kFwdWarps)
 
-  // inputs: u, delta, B, C (and dout) share one dtype; A, D, delta_bias are float32
+  // inputs: u, delta, B, C share one dtype (the io dtype); A, D, delta_bias are float32
   const void* u = nullptr;
   const void* delta = nullptr;
   const float* A = nullptr;
@@ -30,10 +30,11 @@ struct ScanParams {
   const float* D = nullptr;
   const float* delta_bias = nullptr;
 
-  // forward output (io dtype)
+  // forward output, float32 whatever the io dtype (callers normalise it in float32)
   void* out = nullptr;
 
-  // backward: dout, du, ddelta in the io dtype; the reductions in float32 (zeroed)
+  // backward: dout (the gradient of y) in float32; du, ddelta in the io dtype; the
+  // reductions in float32 (zeroed)
   const void* dout = nullptr;
   void* du = nullptr;
   void* ddelta = nullptr;
