@@ -8,7 +8,10 @@ For each shape ``(B, H, W, C)`` (bf16, channels-last, GELU): the forward
 (``conv + bias + GELU``) and the backward (``dx, dw, db`` from ``dy``), once as
 cuDNN's depth-wise conv with PyTorch's GELU (autograd keeps the conv's output),
 and once as the fused kernels (the backward recomputes the conv) under each
-launch configuration of ``triton_dwconv.CONFIG`` swept here. Times are
+launch configuration of ``triton_dwconv.CONFIG`` swept here (the conv-rows kernel's
+keys and the reduction kernel's separately; ``best_config`` is the combination
+with the least time over the shapes, weighted by how many of groupmamba_tiny's
+blocks run each). Times are
 ``triton.testing.do_bench`` medians in ms; ``GB/s`` counts one read of each input
 and one write of each output (the traffic floor), so it can be compared to the
 GPU's memory bandwidth.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 from pathlib import Path
 
@@ -28,13 +32,16 @@ sys.path.insert(0, str(ROOT))
 from utils.images import atomic_write_json  # noqa: E402
 
 SHAPES = {"stage1": (128, 56, 56, 512), "stage2": (128, 28, 28, 1024), "stage3": (128, 14, 14, 1392)}
-ROW_SWEEP = {"max_block_w": (16, 64), "row_block_c": (32, 64, 128), "row_warps": (4, 8)}
-REDUCTION_SWEEP = {"max_block_w": (16, 64), "reduction_block_c": (16, 32, 64), "reduction_warps": (4, 8)}
+ROW_SWEEP = {"row_block_w": (8, 16), "row_block_c": (32, 64), "row_warps": (2, 4),
+             "rows_per_program": (8, 16, 32)}
+REDUCTION_SWEEP = {"reduction_block_w": (4, 8), "reduction_block_c": (16, 32, 64), "reduction_warps": (2, 4)}
+# how often groupmamba_tiny runs each shape's ConvMlp conv: 3, 4 and 6 blocks a stage
+SHAPE_WEIGHTS = {"stage1": 3, "stage2": 4, "stage3": 6}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=["stage1", "stage3"])
+    parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=sorted(SHAPES))
     parser.add_argument("--json", type=Path, default=None, help="write the rows here")
     parser.add_argument("--shipped-only", action="store_true",
                         help="time only the shipped launch configuration, no sweep")
@@ -67,12 +74,32 @@ def cudnn_times(shape, do_bench) -> dict:
     return {"fwd_ms": fwd_ms, "bwd_ms": do_bench(backward)}
 
 
-def fused_times(shape, kernels, do_bench) -> dict:
+def fused_times(shape, kernels, do_bench, row: bool = True, reduction: bool = True) -> dict:
+    """Times of the conv-rows kernel (forward, backward part 1) and/or the reduction kernel."""
     x, weight, bias, dy = _inputs(shape)
-    g, _ = kernels.dwconv_act_bwd_pre(dy, x, weight, bias, "gelu", recompute_output=False)
-    return {"fwd_ms": do_bench(lambda: kernels.dwconv_act_fwd(x, weight, bias, "gelu")),
-            "bwd_pre_ms": do_bench(lambda: kernels.dwconv_act_bwd_pre(dy, x, weight, bias, "gelu", False)),
-            "bwd_input_weight_ms": do_bench(lambda: kernels.dwconv_bwd_input_weight(g, x, weight))}
+    times = {}
+    if row:
+        times["fwd_ms"] = do_bench(lambda: kernels.dwconv_act_fwd(x, weight, bias, "gelu"))
+        times["bwd_pre_ms"] = do_bench(lambda: kernels.dwconv_act_bwd_pre(dy, x, weight, bias, "gelu", False))
+    if reduction:
+        g, _ = kernels.dwconv_act_bwd_pre(dy, x, weight, bias, "gelu", recompute_output=False)
+        times["bwd_input_weight_ms"] = do_bench(lambda: kernels.dwconv_bwd_input_weight(g, x, weight))
+    return times
+
+
+def best_config(rows: list[dict], sweep_spec: dict, time_keys: tuple[str, ...]) -> dict:
+    """The swept values with the least ``time_keys`` time over the shapes, weighted by
+    how often groupmamba_tiny runs each shape (``SHAPE_WEIGHTS``)."""
+    totals: dict[tuple, float] = {}
+    shapes: dict[tuple, set] = {}
+    for row in rows:
+        if row["impl"] == "fused" and all(k in row for k in time_keys):
+            key = tuple(row["config"][k] for k in sweep_spec)
+            totals[key] = totals.get(key, 0.0) + SHAPE_WEIGHTS[row["shape"]] * sum(row[k] for k in time_keys)
+            shapes.setdefault(key, set()).add(row["shape"])
+    every_shape = max(len(s) for s in shapes.values())
+    best = min((key for key in totals if len(shapes[key]) == every_shape), key=totals.get)
+    return dict(zip(sweep_spec, best))
 
 
 def gbps(shape, tensors_moved: int, ms: float) -> float:
@@ -103,20 +130,27 @@ def main(argv=None) -> list[dict]:
         rows.append({"shape": name, "dims": shape, "impl": "cudnn+gelu", **base,
                      "fwd_GBps": gbps(shape, 2, base["fwd_ms"]), "bwd_GBps": gbps(shape, 3, base["bwd_ms"])})
         print(rows[-1], flush=True)
-        configs = [{}] if args.shipped_only else itertools.chain(sweep(ROW_SWEEP), sweep(REDUCTION_SWEEP))
-        for config in configs:
+        if args.shipped_only:
+            configs = [({}, True, True)]
+        else:  # each kernel's own launch keys, the other kernel's left at the default
+            configs = itertools.chain(((c, True, False) for c in sweep(ROW_SWEEP)),
+                                      ((c, False, True) for c in sweep(REDUCTION_SWEEP)))
+        for config, row_kernels, reduction_kernel in configs:
             kernels.CONFIG.update(default, **config)
-            times = fused_times(shape, kernels, do_bench)
-            rows.append({"shape": name, "dims": shape, "impl": "fused", "config": dict(kernels.CONFIG), **times,
-                         "fwd_GBps": gbps(shape, 2, times["fwd_ms"]),
-                         "bwd_pre_GBps": gbps(shape, 3, times["bwd_pre_ms"]),
-                         "bwd_input_weight_GBps": gbps(shape, 3, times["bwd_input_weight_ms"])})
+            times = fused_times(shape, kernels, do_bench, row_kernels, reduction_kernel)
+            rates = {f"{key[:-3]}_GBps": gbps(shape, 2 if key == "fwd_ms" else 3, ms) for key, ms in times.items()}
+            rows.append({"shape": name, "dims": shape, "impl": "fused", "config": dict(kernels.CONFIG),
+                         **times, **rates})
             print(rows[-1], flush=True)
         kernels.CONFIG.update(default)
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if not args.shipped_only:
+        result["best_config"] = {**best_config(rows, ROW_SWEEP, ("fwd_ms", "bwd_pre_ms")),
+                                 **best_config(rows, REDUCTION_SWEEP, ("bwd_input_weight_ms",))}
+        print("best_config", json.dumps(result["best_config"]), flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                      "rows": rows})
+        atomic_write_json(args.json, result)
     return rows
 
 

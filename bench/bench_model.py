@@ -42,7 +42,10 @@ timers by phase (``utils.modeling.compile_seconds``) for the training and the
 inference part of the row. Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
 one training step (from the profiler), the floor a launch-free step would reach;
 ``--profile N`` prints the N kernels that take the most of it (of the inference step too,
-whose GPU time is ``gpu_ms_per_infer_step``).
+whose GPU time is ``gpu_ms_per_infer_step``), ``--kernels-json`` writes all of them.
+``--train-only`` skips the inference part (and its compile) when comparing training
+variants; ``--fused-kernels`` with ``--dwconv-config KEY=VALUE`` sets the fused conv
+kernels' launch settings (``bench/bench_dwconv.py`` prints its sweep's best).
 
 With ``--json`` the file also gets the headline keys DESIGN.md asks for
 (``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
@@ -68,7 +71,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import models  # noqa: E402  (registers the GroupMamba variants with timm)
 from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
 from utils.cuda_graphs import capture  # noqa: E402
-from utils.images import update_json  # noqa: E402
+from utils.images import atomic_write_json, update_json  # noqa: E402
 from utils.modeling import compile_blocks, compile_seconds  # noqa: E402
 
 UNCOMPILED_MODES = ("eager", "cuda-graph")
@@ -95,11 +98,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N kernels with the most GPU time per training step "
                              "(and per inference step)")
+    parser.add_argument("--kernels-json", type=Path, default=None,
+                        help="write every kernel of each profiled step here (name, ms, calls), "
+                             "one entry per row, for offline analysis")
+    parser.add_argument("--train-only", action="store_true",
+                        help="no inference part (saves its compile when comparing training variants)")
     parser.add_argument("--json", type=Path, default=None,
                         help="write (update) the results here")
     parser.add_argument("--fused-kernels", action="store_true",
                         help="the depth-wise convs as fused Triton kernels that recompute them "
                              "in the backward (GroupMamba.set_fused_kernels(True)): less memory")
+    parser.add_argument("--dwconv-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="launch settings of the fused conv kernels (with --fused-kernels), e.g. "
+                             "rows_per_program=16, as bench/bench_dwconv.py's best_config prints them")
     compiled = parser.add_argument_group("compiled modes")
     compiled.add_argument("--memory-budget", type=float, default=1.0,
                           help="torch._functorch.config.activation_memory_budget: below 1 the "
@@ -110,6 +121,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     try:
         args.inductor_config = inductor_settings(args.inductor_config)
+        args.dwconv_config = dwconv_settings(args.dwconv_config)
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -121,12 +133,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def inductor_settings(items: list[str]) -> dict:
     """``KEY=VALUE`` strings -> ``{key: value}``, each key one of torch._inductor.config's."""
+    return key_values(items, lambda key: hasattr(inductor_config, key), "--inductor-config",
+                      "a torch._inductor.config setting")
+
+
+def dwconv_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> ``{key: value}`` for the fused conv kernels' launch CONFIG
+    (the keys are checked in :func:`main`: importing the kernels needs a GPU)."""
+    return key_values(items, lambda key: key.isidentifier(), "--dwconv-config", "a launch setting")
+
+
+def key_values(items: list[str], known, flag: str, what: str) -> dict:
+    """``KEY=VALUE`` strings -> ``{key: value}`` (values as Python literals), every key ``known``."""
     settings = {}
     for item in items:
         key, sep, text = item.partition("=")
-        if not sep or not hasattr(inductor_config, key):
-            raise ValueError(f"--inductor-config takes KEY=VALUE with KEY a torch._inductor.config "
-                             f"setting, not {item!r}")
+        if not sep or not known(key):
+            raise ValueError(f"{flag} takes KEY=VALUE with KEY {what}, not {item!r}")
         try:
             settings[key] = ast.literal_eval(text)
         except (ValueError, SyntaxError):
@@ -234,6 +257,7 @@ def measure_train(runner, model, args, size: int, train_batch: int, graphed: boo
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     launches, gpu_ms, kernel_table = profile_step(train_step)
     print_profile(f"{size}px bs{train_batch}: {launches} kernels, training", gpu_ms, kernel_table, args.profile)
+    args.kernel_tables["train"] = kernel_table
     return {"train_img_s": round(train_batch / train_s, 1), "train_step_ms": round(train_s * 1000, 2),
             "peak_train_mem_gib": round(peak_gib, 2), "launches_per_train_step": launches,
             "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}
@@ -255,6 +279,7 @@ def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
     infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
     _, gpu_ms, kernel_table = profile_step(infer_step)
     print_profile(f"{size}px inference bs{args.infer_batch}", gpu_ms, kernel_table, args.profile)
+    args.kernel_tables["infer"] = kernel_table
     return {"first_infer_step_s": round(first_s, 1), "infer_batch": args.infer_batch,
             "infer_img_s": round(args.infer_batch / infer_s, 1), "gpu_ms_per_infer_step": round(gpu_ms, 2)}
 
@@ -271,6 +296,8 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch,
            "fused_kernels": args.fused_kernels}
+    if args.fused_kernels and args.dwconv_config:
+        row["dwconv_config"] = args.dwconv_config
     if mode not in UNCOMPILED_MODES:
         row["memory_budget"] = args.memory_budget
         if args.inductor_config:
@@ -282,6 +309,7 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
         model.set_fused_kernels(args.fused_kernels)
     resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
     graphed = mode.endswith("cuda-graph")
+    args.kernel_tables = {}
     try:
         runner = prepare(model, mode)
         before = compile_seconds()
@@ -295,6 +323,7 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
                 row["compile_s_infer"] = seconds_between(after_train, compile_seconds())
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+    row["kernel_tables"] = args.kernel_tables  # popped by main() into --kernels-json
     del model
     torch.cuda.empty_cache()
     return row
@@ -340,16 +369,30 @@ def main(argv=None) -> dict:
     functorch_config.activation_memory_budget = args.memory_budget
     for key, value in args.inductor_config.items():
         setattr(inductor_config, key, value)
+    if args.dwconv_config:
+        from kernels.depthwise_conv import triton_dwconv
+        unknown = sorted(set(args.dwconv_config) - set(triton_dwconv.CONFIG))
+        if unknown:
+            raise SystemExit(f"error: --dwconv-config: unknown keys {unknown}; "
+                             f"known: {', '.join(triton_dwconv.CONFIG)}")
+        triton_dwconv.CONFIG.update(args.dwconv_config)
     rows = []
+    kernel_tables = []
 
     def add(row):
+        tables = row.pop("kernel_tables")
+        if tables:
+            kernel_tables.append({**{k: row[k] for k in ("model", "mode", "img_size", "train_batch")},
+                                  **{what: [{"name": n, "ms": round(ms, 4), "calls": c} for n, ms, c in table]
+                                     for what, table in tables.items()}})
         rows.append(row)
         print(json.dumps(row), flush=True)
 
     for name in args.models:
         for backend in backends:
             for mode in args.modes:
-                add(bench_one(name, backend, mode, args, args.img_size, args.train_batch))
+                add(bench_one(name, backend, mode, args, args.img_size, args.train_batch,
+                              infer=not args.train_only))
     for size, batch in args.extra_train:
         for mode in args.modes:
             add(bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
@@ -364,13 +407,16 @@ def main(argv=None) -> dict:
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "precision": "bf16 autocast, fp32 scan, AdamW(fused)", "rows": rows,
+        "precision": "bf16 autocast, fp32 scan math (bf16 inputs), AdamW(fused)", "rows": rows,
     }
     if args.models[0] == "groupmamba_tiny" and (args.img_size, args.train_batch,
                                                  args.infer_batch) == (224, 128, 256):
         result.update(headline(rows, "groupmamba_tiny", backends[0], args.img_size, args.train_batch))
     if args.json:
         update_json(args.json, result)
+    if args.kernels_json:
+        atomic_write_json(args.kernels_json, {"command": result["command"], "gpu": result["gpu"],
+                                              "rows": kernel_tables})
     return result
 
 

@@ -73,7 +73,7 @@ class ConvMlp(nn.Module):
     With ``fused_kernel = True`` (see :meth:`GroupMamba.set_fused_kernels`), on CUDA
     with Triton, the conv, GELU and fc2 run as one fused op
     (:mod:`kernels.depthwise_conv`) that keeps only fc1's output for the backward
-    pass: less memory, but slower on an H200 so far. Off by default.
+    pass: less memory, but ~5 % slower on an H200 so far. Off by default.
     """
 
     def __init__(self, in_features: int, hidden_features: int):
@@ -414,8 +414,8 @@ class GroupMamba(nn.Module):
         """Use (or not) the fused depth-wise conv kernels on CUDA (:mod:`kernels.depthwise_conv`).
 
         Same numerics (float32 accumulation); the backward recomputes the convs, so
-        training keeps about a third less activation memory, at a cost in speed
-        (groupmamba_tiny on an H200: bench/RESULTS.md, seventh session). Off by default.
+        training keeps about a third less activation memory, at ~5 % more GPU time a
+        step (groupmamba_tiny on an H200: bench/RESULTS.md, eighth session). Off by default.
         """
         for module in self.modules():
             if isinstance(module, (ConvMlp, GroupMambaLayer)):

@@ -92,3 +92,7 @@ def test_bench_model_reads_inductor_settings():
     for bad in ("no_such_setting=1", "padding_stride_threshold"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--inductor-config", bad])
+    args = bench.parse_args(["--fused-kernels", "--dwconv-config", "rows_per_program=16", "row_warps=8"])
+    assert args.dwconv_config == {"rows_per_program": 16, "row_warps": 8}
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dwconv-config", "rows_per_program"])

@@ -55,7 +55,7 @@ import torch
 from kernels import depthwise_conv
 from kernels.depthwise_conv import triton_dwconv
 
-triton_dwconv.CONFIG["max_block_w"] = 4  # rows split into several column blocks
+triton_dwconv.CONFIG.update(row_block_w=4, reduction_block_w=4, rows_per_program=2)  # several column blocks and row chunks
 torch.manual_seed(0)
 
 def run(fn, x, params, bias, act, linear, strided, dy=None):

@@ -7,20 +7,23 @@ requirement so the kernels can be checked on CPU tensors (slow; small shapes).
 
 Layout: ``x`` is ``(B, H, W, C)`` with unit channel stride (other strides free,
 e.g. one half of a wider projection); outputs are contiguous ``(B, H, W, C)``.
-A program owns one image row (up to ``BLOCK_W`` positions of it) times a block of
-channels: the row index and the row's validity are scalars, each tap is one
-masked load of a whole neighbouring row segment (served by L1/L2 after the first),
-and everything accumulates in float32.
+A program owns a block of columns (up to ``BLOCK_W``) times a block of channels
+and walks down the image's rows, loading each input row once as three column
+shifts (``-1, 0, +1``; the shifted loads overlap and hit L1): a row finishes one
+output row, adds to the next and starts the one after, so two partial output
+rows are carried in registers. Row indices and validity are scalars, and
+everything accumulates in float32.
 
-- forward: ``y = act(conv(x) + b)``;
-- backward, first kernel: the pre-activation is recomputed from ``x``;
+- forward: ``y = act(conv(x) + b)``, ``rows_per_program`` output rows a program;
+- backward, first kernel: the same walk recomputes the pre-activation from ``x``;
   ``g = dy * act'(pre)`` (and ``act(pre)`` again, when a following linear layer
   needs its input for the weight gradient);
-- backward, second kernel: a program walks down the rows of one image for a
-  block of columns and channels: ``dx = conv(g)`` with the kernel mirrored, row by
-  row, while ``dw[c, tap] = sum_p g[p, c] x[p + tap, c]`` and ``db = sum_p g``
-  accumulate elementwise in registers; they are reduced over the row once at the
-  end, and the per-program partial sums added up on the host (deterministic, no
+- backward, second kernel: a program walks down all rows of one image: ``dx =
+  conv(g)`` with the kernel mirrored, while ``dw[c, tap] = sum_p g[p, c] x[p + tap,
+  c]`` (each ``g`` row against the ``x`` rows above, at and below it, the row
+  above kept from the previous step) and ``db = sum_p g`` accumulate
+  elementwise in registers; they are reduced over the columns once at the end,
+  and the per-program partial sums added up on the host (deterministic, no
   atomics).
 """
 import os
@@ -43,14 +46,16 @@ __all__ = ["ACTIVATIONS", "dwconv_act_fwd", "dwconv_act_bwd_pre", "dwconv_bwd_in
 ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
 
 # launch configuration (module-level so that bench/bench_dwconv.py can sweep it):
-# row kernels take [block_w, row_block_c] tiles, block_w = min(max_block_w, W rounded
-# up to a power of two); the reduction kernel holds ten float32 accumulator tiles,
-# so its channel blocks are narrower; warps None = 8 for tiles of >= 2048, else 4.
-# The best of bench_dwconv.py's sweep on an H200 at GroupMamba-tiny's largest shape
-# (128 x 56 x 56 x 512): 0.88 / 0.93 / 1.31 ms for the three kernels, against
-# 1.02 / 1.35 / 1.58 ms with 64-wide rows and 64-channel row blocks
-CONFIG = {"max_block_w": 16, "row_block_c": 128, "row_warps": 4, "reduction_block_c": 32,
-          "reduction_warps": None}
+# tiles are [block_w, block_c], block_w at most W rounded up to a power of two; a
+# conv-rows program walks rows_per_program output rows; the reduction kernel
+# carries sixteen float32 tiles down the rows, so its tiles are smaller; its warps
+# None = 8 for tiles of >= 2048, else 4. The best of bench_dwconv.py's sweep on an
+# H200 (eighth session, second sweep), weighted over GroupMamba-tiny's three
+# feed-forward shapes; at 128 x 56 x 56 x 512: 0.65 / 0.90 / 0.82 ms for forward /
+# backward parts 1 and 2, against 0.88 / 0.93 / 1.31 ms for the one-row kernels
+# these replaced and 1.15 / 1.53 ms (forward / backward) for cuDNN with a GELU
+CONFIG = {"row_block_w": 8, "row_block_c": 64, "row_warps": 4, "rows_per_program": 16,
+          "reduction_block_w": 4, "reduction_block_c": 64, "reduction_warps": 4}
 
 
 # ----------------------------------------------------------------------------------
@@ -91,129 +96,138 @@ def _row_segment(ptr, image_base, row, cols, DX: tl.constexpr, offs_c, cmask, H,
 
 
 @triton.jit
-def _conv_row(x_ptr, w_ptr, b_ptr, image_base, row, cols, offs_c, cmask, H, W, s_h, s_w,
-              HAS_BIAS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The conv's pre-activation (bias included) on one row segment: ``[BLOCK_W, BLOCK_C]`` float32."""
-    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    for ky in tl.static_range(3):
-        for kx in tl.static_range(3):
-            xv = _row_segment(x_ptr, image_base, row + (ky - 1), cols, kx - 1, offs_c, cmask, H, W, s_h, s_w)
-            wv = tl.load(w_ptr + offs_c * 9 + (ky * 3 + kx), mask=cmask, other=0.0).to(tl.float32)
-            acc += xv * wv[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    return acc
+def _shifted_row(ptr, image_base, row, cols, offs_c, cmask, H, W, s_h, s_w):
+    """Row ``row`` at columns ``cols - 1``, ``cols`` and ``cols + 1``: three float32 tiles."""
+    return (_row_segment(ptr, image_base, row, cols, -1, offs_c, cmask, H, W, s_h, s_w),
+            _row_segment(ptr, image_base, row, cols, 0, offs_c, cmask, H, W, s_h, s_w),
+            _row_segment(ptr, image_base, row, cols, 1, offs_c, cmask, H, W, s_h, s_w))
 
 
 @triton.jit
-def _row_program(H, W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's (image, row, columns, channels) for a grid ``(B * H, W blocks, C blocks)``."""
-    image_row = tl.program_id(0)
+def _kernel_row(w_ptr, offs_c, cmask, KY: tl.constexpr):
+    """The three weights of kernel row ``KY`` per channel, float32."""
+    base = w_ptr + offs_c * 9 + KY * 3
+    return (tl.load(base, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(base + 1, mask=cmask, other=0.0).to(tl.float32),
+            tl.load(base + 2, mask=cmask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _taps(left, mid, right, w_left, w_mid, w_right):
+    """One kernel row applied to one image row's three column shifts."""
+    return left * w_left[None, :] + mid * w_mid[None, :] + right * w_right[None, :]
+
+
+@triton.jit
+def _conv_rows_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, h_ptr, H, W, C, s_b, s_h, s_w,
+                      HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BACKWARD: tl.constexpr,
+                      STORE_H: tl.constexpr, ROWS: tl.constexpr, BLOCK_W: tl.constexpr,
+                      BLOCK_C: tl.constexpr):
+    """``ROWS`` output rows of one image for a block of columns and channels.
+
+    Walks down the input rows, loading each once (three column shifts): input row
+    ``i`` completes output row ``i - 1`` (kernel row 2), adds kernel row 1 to
+    output row ``i`` and starts output row ``i + 1`` with kernel row 0, so only
+    two partial output rows are carried. The epilogue is the forward's
+    ``act(pre)``, or with ``BACKWARD`` the first backward kernel's
+    ``g = dy * act'(pre)`` (and ``act(pre)`` with ``STORE_H``).
+    """
+    chunks = tl.cdiv(H, ROWS)
+    image = (tl.program_id(0) // chunks).to(tl.int64)
+    first = (tl.program_id(0) % chunks) * ROWS
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    return image_row // H, image_row % H, cols, offs_c, cols < W, offs_c < C
-
-
-@triton.jit
-def _fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, H, W, C, s_b, s_h, s_w,
-                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    image, row, cols, offs_c, wmask, cmask = _row_program(H, W, C, BLOCK_W, BLOCK_C)
-    pre = _conv_row(x_ptr, w_ptr, b_ptr, image.to(tl.int64) * s_b, row, cols, offs_c, cmask, H, W, s_h, s_w,
-                    HAS_BIAS, BLOCK_W, BLOCK_C)
-    dst = tl.program_id(0).to(tl.int64) * W * C + (cols * C)[:, None] + offs_c[None, :]
-    tl.store(y_ptr + dst, _activation(pre, ACT).to(y_ptr.dtype.element_ty),
-             mask=wmask[:, None] & cmask[None, :])
-
-
-@triton.jit
-def _bwd_pre_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, g_ptr, h_ptr, H, W, C, s_b, s_h, s_w,
-                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
-                    BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
-    image, row, cols, offs_c, wmask, cmask = _row_program(H, W, C, BLOCK_W, BLOCK_C)
-    pre = _conv_row(x_ptr, w_ptr, b_ptr, image.to(tl.int64) * s_b, row, cols, offs_c, cmask, H, W, s_h, s_w,
-                    HAS_BIAS, BLOCK_W, BLOCK_C)
-    dst = tl.program_id(0).to(tl.int64) * W * C + (cols * C)[:, None] + offs_c[None, :]
-    mask = wmask[:, None] & cmask[None, :]
-    dy = tl.load(dy_ptr + dst, mask=mask, other=0.0).to(tl.float32)
-    tl.store(g_ptr + dst, (dy * _activation_grad(pre, ACT)).to(g_ptr.dtype.element_ty), mask=mask)
-    if STORE_H:
-        tl.store(h_ptr + dst, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _tap_grads(x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c, cmask, H, W, C,
-               s_h, s_w, KY: tl.constexpr, KX: tl.constexpr):
-    """One tap's share of ``dx`` on this row, and its elementwise ``dw`` products.
-
-    ``y[p] = sum_t w[t] x[p + t]``, so ``dx[p] = sum_t w[t] g[p - t]`` and
-    ``dw[t] = sum_p g[p] x[p + t]``.
-    """
-    wv = tl.load(w_ptr + offs_c * 9 + (KY * 3 + KX), mask=cmask, other=0.0).to(tl.float32)
-    g_back = _row_segment(g_ptr, g_base, row + (1 - KY), cols, 1 - KX, offs_c, cmask, H, W, W * C, C)
-    x_fwd = _row_segment(x_ptr, x_base, row + (KY - 1), cols, KX - 1, offs_c, cmask, H, W, s_h, s_w)
-    return g_back * wv[None, :], g_center * x_fwd
-
-
-@triton.jit
-def _tap_step(dx, dw_tap, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c, cmask, H, W, C,
-              s_h, s_w, KY: tl.constexpr, KX: tl.constexpr):
-    d, p = _tap_grads(x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c, cmask, H, W, C,
-                      s_h, s_w, KY, KX)
-    return dx + d, dw_tap + p
+    cmask = offs_c < C
+    tile_mask = (cols < W)[:, None] & cmask[None, :]
+    x_base = image * s_b
+    out_base = image * H * W * C
+    top_l, top_m, top_r = _kernel_row(w_ptr, offs_c, cmask, 0)
+    mid_l, mid_m, mid_r = _kernel_row(w_ptr, offs_c, cmask, 1)
+    bot_l, bot_m, bot_r = _kernel_row(w_ptr, offs_c, cmask, 2)
+    bias = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+    left, mid, right = _shifted_row(x_ptr, x_base, first - 1, cols, offs_c, cmask, H, W, s_h, s_w)
+    upper = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)  # output row i - 1 (kernel rows 0, 1 so far)
+    lower = _taps(left, mid, right, top_l, top_m, top_r)    # output row i (kernel row 0 so far)
+    for i in range(first, first + ROWS + 1):
+        left, mid, right = _shifted_row(x_ptr, x_base, i, cols, offs_c, cmask, H, W, s_h, s_w)
+        pre = upper + _taps(left, mid, right, bot_l, bot_m, bot_r) + bias[None, :]
+        upper = lower + _taps(left, mid, right, mid_l, mid_m, mid_r)
+        lower = _taps(left, mid, right, top_l, top_m, top_r)
+        row = i - 1
+        mask = tile_mask & (row >= first) & (row < H)
+        dst = out_base + row * W * C + (cols * C)[:, None] + offs_c[None, :]
+        if BACKWARD:
+            dy = tl.load(dy_ptr + dst, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + dst, (dy * _activation_grad(pre, ACT)).to(out_ptr.dtype.element_ty), mask=mask)
+            if STORE_H:
+                tl.store(h_ptr + dst, _activation(pre, ACT).to(h_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(out_ptr + dst, _activation(pre, ACT).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_input_weight_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, dw_part_ptr, db_part_ptr, H, W, C, s_b, s_h, s_w,
                              BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``dx``, and per-program partial ``dw``/``db``, walking down all rows of one image.
+
+    ``y[p] = sum_t w[t] x[p + t]``, so ``dx[p] = sum_t w[t] g[p - t]`` (the conv
+    of ``g`` with the kernel mirrored: ``g``'s column shifts in reverse order, its
+    row ``i`` completing ``dx`` row ``i - 1``) and ``dw[t] = sum_p g[p] x[p + t]``
+    (row ``i`` of ``g`` pairs with ``x`` rows ``i - 1`` and ``i``, row ``i - 1`` of
+    ``g`` with ``x`` row ``i``). Each row of ``g`` and ``x`` is loaded once.
+    """
     # grid (B, W blocks, C blocks); g and dx are contiguous (B, H, W, C)
     image = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    wmask = cols < W
     cmask = offs_c < C
-    mask = wmask[:, None] & cmask[None, :]
+    tile_mask = (cols < W)[:, None] & cmask[None, :]
     x_base = image * s_b
     g_base = image * H * W * C
+    top_l, top_m, top_r = _kernel_row(w_ptr, offs_c, cmask, 0)
+    mid_l, mid_m, mid_r = _kernel_row(w_ptr, offs_c, cmask, 1)
+    bot_l, bot_m, bot_r = _kernel_row(w_ptr, offs_c, cmask, 2)
     zero = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    dw0, dw1, dw2, dw3, dw4, dw5, dw6, dw7, dw8, db = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    for row in range(H):
-        g_center = _row_segment(g_ptr, g_base, row, cols, 0, offs_c, cmask, H, W, W * C, C)
-        db += g_center
-        # the nine taps unrolled by hand: Triton carries no list of accumulators through a loop
-        dx = zero
-        dx, dw0 = _tap_step(dx, dw0, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 0, 0)
-        dx, dw1 = _tap_step(dx, dw1, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 0, 1)
-        dx, dw2 = _tap_step(dx, dw2, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 0, 2)
-        dx, dw3 = _tap_step(dx, dw3, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 1, 0)
-        dx, dw4 = _tap_step(dx, dw4, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 1, 1)
-        dx, dw5 = _tap_step(dx, dw5, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 1, 2)
-        dx, dw6 = _tap_step(dx, dw6, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 2, 0)
-        dx, dw7 = _tap_step(dx, dw7, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 2, 1)
-        dx, dw8 = _tap_step(dx, dw8, x_ptr, g_ptr, w_ptr, x_base, g_base, row, cols, g_center, offs_c,
-                              cmask, H, W, C, s_h, s_w, 2, 2)
-        dst = g_base + row * W * C + (cols * C)[:, None] + offs_c[None, :]
-        tl.store(dx_ptr + dst, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    # dw by kernel row (top, mid, bot) and column (left, centre, right)
+    dw_tl, dw_tm, dw_tr, dw_ml, dw_mm, dw_mr, dw_bl, dw_bm, dw_br = zero, zero, zero, zero, zero, zero, zero, zero, zero
+    db = zero
+    upper, lower = zero, zero  # dx rows i - 1 and i, partial
+    x_up_l, x_up_m, x_up_r, g_up = zero, zero, zero, zero  # x and g of the row above
+    for i in range(0, H + 1):
+        g_l, g_m, g_r = _shifted_row(g_ptr, g_base, i, cols, offs_c, cmask, H, W, W * C, C)
+        x_l, x_m, x_r = _shifted_row(x_ptr, x_base, i, cols, offs_c, cmask, H, W, s_h, s_w)
+        # mirrored kernel: the left weight meets g one column to the right
+        done = upper + _taps(g_r, g_m, g_l, top_l, top_m, top_r)
+        upper = lower + _taps(g_r, g_m, g_l, mid_l, mid_m, mid_r)
+        lower = _taps(g_r, g_m, g_l, bot_l, bot_m, bot_r)
+        dst = g_base + (i - 1) * W * C + (cols * C)[:, None] + offs_c[None, :]
+        tl.store(dx_ptr + dst, done.to(dx_ptr.dtype.element_ty), mask=tile_mask & (i >= 1))
+        dw_tl += g_m * x_up_l
+        dw_tm += g_m * x_up_m
+        dw_tr += g_m * x_up_r
+        dw_ml += g_m * x_l
+        dw_mm += g_m * x_m
+        dw_mr += g_m * x_r
+        dw_bl += g_up * x_l
+        dw_bm += g_up * x_m
+        dw_br += g_up * x_r
+        db += g_m
+        x_up_l, x_up_m, x_up_r, g_up = x_l, x_m, x_r, g_m
     # one partial row per (image, column block)
     part = (image * tl.num_programs(1) + tl.program_id(1)) * C
     tl.store(db_part_ptr + part + offs_c, tl.sum(db, axis=0), mask=cmask)
     dw_part = dw_part_ptr + part * 9 + offs_c
-    tl.store(dw_part + 0 * C, tl.sum(dw0, axis=0), mask=cmask)
-    tl.store(dw_part + 1 * C, tl.sum(dw1, axis=0), mask=cmask)
-    tl.store(dw_part + 2 * C, tl.sum(dw2, axis=0), mask=cmask)
-    tl.store(dw_part + 3 * C, tl.sum(dw3, axis=0), mask=cmask)
-    tl.store(dw_part + 4 * C, tl.sum(dw4, axis=0), mask=cmask)
-    tl.store(dw_part + 5 * C, tl.sum(dw5, axis=0), mask=cmask)
-    tl.store(dw_part + 6 * C, tl.sum(dw6, axis=0), mask=cmask)
-    tl.store(dw_part + 7 * C, tl.sum(dw7, axis=0), mask=cmask)
-    tl.store(dw_part + 8 * C, tl.sum(dw8, axis=0), mask=cmask)
+    tl.store(dw_part + 0 * C, tl.sum(dw_tl, axis=0), mask=cmask)
+    tl.store(dw_part + 1 * C, tl.sum(dw_tm, axis=0), mask=cmask)
+    tl.store(dw_part + 2 * C, tl.sum(dw_tr, axis=0), mask=cmask)
+    tl.store(dw_part + 3 * C, tl.sum(dw_ml, axis=0), mask=cmask)
+    tl.store(dw_part + 4 * C, tl.sum(dw_mm, axis=0), mask=cmask)
+    tl.store(dw_part + 5 * C, tl.sum(dw_mr, axis=0), mask=cmask)
+    tl.store(dw_part + 6 * C, tl.sum(dw_bl, axis=0), mask=cmask)
+    tl.store(dw_part + 7 * C, tl.sum(dw_bm, axis=0), mask=cmask)
+    tl.store(dw_part + 8 * C, tl.sum(dw_br, axis=0), mask=cmask)
 
 
 # ----------------------------------------------------------------------------------
@@ -226,15 +240,15 @@ def _check(x: torch.Tensor) -> None:
         raise ValueError(f"x must have a unit channel stride, got strides {x.stride()}")
 
 
-def _block_w(width: int) -> int:
-    return min(CONFIG["max_block_w"], triton.next_power_of_2(width))
+def _block_w(width: int, key: str) -> int:
+    return min(CONFIG[key], triton.next_power_of_2(width))
 
 
 def _row_launch(batch: int, height: int, width: int, channels: int):
-    """Grid and meta-parameters of the row kernels."""
-    block_c = CONFIG["row_block_c"]
-    grid = (batch * height, triton.cdiv(width, _block_w(width)), triton.cdiv(channels, block_c))
-    return grid, {"BLOCK_W": _block_w(width), "BLOCK_C": block_c, "num_warps": CONFIG["row_warps"]}
+    """Grid and meta-parameters of the conv-rows kernel."""
+    block_w, block_c, rows = _block_w(width, "row_block_w"), CONFIG["row_block_c"], CONFIG["rows_per_program"]
+    grid = (batch * triton.cdiv(height, rows), triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
+    return grid, {"ROWS": rows, "BLOCK_W": block_w, "BLOCK_C": block_c, "num_warps": CONFIG["row_warps"]}
 
 
 def dwconv_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias, act: str) -> torch.Tensor:
@@ -244,10 +258,10 @@ def dwconv_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias, act: str) -> tor
     y = torch.empty((batch, height, width, channels), dtype=x.dtype, device=x.device)
     if y.numel():
         grid, meta = _row_launch(batch, height, width, channels)
-        _fwd_kernel[grid](
-            x, weight.contiguous(), bias if bias is not None else weight, y,
+        _conv_rows_kernel[grid](
+            x, weight.contiguous(), bias if bias is not None else weight, y, y, y,
             height, width, channels, x.stride(0), x.stride(1), x.stride(2),
-            HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], **meta)
+            HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act], BACKWARD=False, STORE_H=False, **meta)
     return y
 
 
@@ -261,11 +275,11 @@ def dwconv_act_bwd_pre(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     y = torch.empty_like(g) if recompute_output else None
     if g.numel():
         grid, meta = _row_launch(batch, height, width, channels)
-        _bwd_pre_kernel[grid](
+        _conv_rows_kernel[grid](
             x, weight.contiguous(), bias if bias is not None else weight, dy, g,
             y if y is not None else g, height, width, channels,
             x.stride(0), x.stride(1), x.stride(2), HAS_BIAS=bias is not None,
-            ACT=ACTIVATIONS[act], STORE_H=recompute_output, **meta)
+            ACT=ACTIVATIONS[act], BACKWARD=True, STORE_H=recompute_output, **meta)
     return g, y
 
 
@@ -281,7 +295,7 @@ def dwconv_bwd_input_weight(g: torch.Tensor, x: torch.Tensor, weight: torch.Tens
     if not dx.numel():
         return (dx, torch.zeros((channels, 1, 3, 3), dtype=torch.float32, device=x.device),
                 torch.zeros(channels, dtype=torch.float32, device=x.device))
-    block_w, block_c = _block_w(width), CONFIG["reduction_block_c"]
+    block_w, block_c = _block_w(width, "reduction_block_w"), CONFIG["reduction_block_c"]
     warps = CONFIG["reduction_warps"] or (8 if block_w * block_c >= 2048 else 4)
     grid = (batch, triton.cdiv(width, block_w), triton.cdiv(channels, block_c))
     parts = batch * grid[1]
