@@ -617,3 +617,14 @@ def test_fused_dwconv_needs_a_groupmamba_model(train_script, capsys):
     with pytest.raises(SystemExit):
         train_script.parse_args(["--model", "resnet18", "--fused-dwconv"])
     assert "GroupMamba models only" in capsys.readouterr().err
+
+
+def test_memory_budget_needs_compile_and_a_fraction(train_script, capsys):
+    assert train_script.parse_args(["--compile", "--memory-budget", "0.9"])[0].memory_budget == 0.9
+    assert train_script.parse_args(["--preset", "fast", "--memory-budget", "0.8"])[0].memory_budget == 0.8
+    for argv, message in ((["--memory-budget", "0.9"], "add --compile"),
+                          (["--compile", "--memory-budget", "0"], "must be in (0, 1]"),
+                          (["--compile", "--memory-budget", "1.5"], "must be in (0, 1]")):
+        with pytest.raises(SystemExit):
+            train_script.parse_args(argv)
+        assert message in capsys.readouterr().err
