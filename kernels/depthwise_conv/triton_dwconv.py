@@ -113,6 +113,15 @@ def _kernel_row(w_ptr, offs_c, cmask, KY: tl.constexpr):
 
 
 @triton.jit
+def _tile(W, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's columns and channels (grid axes 1 and 2), the channel mask and the tile's mask."""
+    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    return cols, offs_c, cmask, (cols < W)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _taps(left, mid, right, w_left, w_mid, w_right):
     """One kernel row applied to one image row's three column shifts."""
     return left * w_left[None, :] + mid * w_mid[None, :] + right * w_right[None, :]
@@ -135,10 +144,7 @@ def _conv_rows_kernel(x_ptr, w_ptr, b_ptr, dy_ptr, out_ptr, h_ptr, H, W, C, s_b,
     chunks = tl.cdiv(H, ROWS)
     image = (tl.program_id(0) // chunks).to(tl.int64)
     first = (tl.program_id(0) % chunks) * ROWS
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    tile_mask = (cols < W)[:, None] & cmask[None, :]
+    cols, offs_c, cmask, tile_mask = _tile(W, C, BLOCK_W, BLOCK_C)
     x_base = image * s_b
     out_base = image * H * W * C
     top_l, top_m, top_r = _kernel_row(w_ptr, offs_c, cmask, 0)
@@ -180,10 +186,7 @@ def _bwd_input_weight_kernel(x_ptr, w_ptr, g_ptr, dx_ptr, dw_part_ptr, db_part_p
     """
     # grid (B, W blocks, C blocks); g and dx are contiguous (B, H, W, C)
     image = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
-    tile_mask = (cols < W)[:, None] & cmask[None, :]
+    cols, offs_c, cmask, tile_mask = _tile(W, C, BLOCK_W, BLOCK_C)
     x_base = image * s_b
     g_base = image * H * W * C
     top_l, top_m, top_r = _kernel_row(w_ptr, offs_c, cmask, 0)
