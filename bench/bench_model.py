@@ -244,7 +244,8 @@ def first_call_seconds(step) -> float:
     return time.perf_counter() - start
 
 
-def measure_train(runner, model, args, size: int, train_batch: int, graphed: bool) -> dict:
+def measure_train(runner, model, args, size: int, train_batch: int, graphed: bool) -> tuple[dict, list]:
+    """The training figures of one row, and the profiled step's kernel table."""
     device = torch.device("cuda")
     images = torch.randn(train_batch, 3, size, size, device=device)
     labels = torch.randint(0, args.num_classes, (train_batch,), device=device)
@@ -257,13 +258,13 @@ def measure_train(runner, model, args, size: int, train_batch: int, graphed: boo
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     launches, gpu_ms, kernel_table = profile_step(train_step)
     print_profile(f"{size}px bs{train_batch}: {launches} kernels, training", gpu_ms, kernel_table, args.profile)
-    args.kernel_tables["train"] = kernel_table
     return {"train_img_s": round(train_batch / train_s, 1), "train_step_ms": round(train_s * 1000, 2),
             "peak_train_mem_gib": round(peak_gib, 2), "launches_per_train_step": launches,
-            "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}
+            "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}, kernel_table
 
 
-def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
+def measure_infer(runner, model, args, size: int, graphed: bool) -> tuple[dict, list]:
+    """The inference figures of one row, and the profiled step's kernel table."""
     model.eval()
     images = torch.randn(args.infer_batch, 3, size, size, device="cuda")
 
@@ -279,9 +280,9 @@ def measure_infer(runner, model, args, size: int, graphed: bool) -> dict:
     infer_s = median_window_seconds(infer_step, args.warmup, args.steps, args.repeats)
     _, gpu_ms, kernel_table = profile_step(infer_step)
     print_profile(f"{size}px inference bs{args.infer_batch}", gpu_ms, kernel_table, args.profile)
-    args.kernel_tables["infer"] = kernel_table
     return {"first_infer_step_s": round(first_s, 1), "infer_batch": args.infer_batch,
-            "infer_img_s": round(args.infer_batch / infer_s, 1), "gpu_ms_per_infer_step": round(gpu_ms, 2)}
+            "infer_img_s": round(args.infer_batch / infer_s, 1),
+            "gpu_ms_per_infer_step": round(gpu_ms, 2)}, kernel_table
 
 
 def seconds_between(before: dict, after: dict) -> dict:
@@ -290,8 +291,9 @@ def seconds_between(before: dict, after: dict) -> dict:
 
 
 def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
-              infer: bool = True) -> dict:
-    """One row; a compile or capture that fails is a finding (the row's ``error``), not a crash."""
+              infer: bool = True) -> tuple[dict, dict]:
+    """One row, and the kernel tables of its profiled steps (``train``, ``infer``); a compile
+    or capture that fails is a finding (the row's ``error``), not a crash."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch,
@@ -309,24 +311,25 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
         model.set_fused_kernels(args.fused_kernels)
     resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
     graphed = mode.endswith("cuda-graph")
-    args.kernel_tables = {}
+    tables = {}
     try:
         runner = prepare(model, mode)
         before = compile_seconds()
-        row.update(measure_train(runner, model, args, size, train_batch, graphed))
+        figures, tables["train"] = measure_train(runner, model, args, size, train_batch, graphed)
+        row.update(figures)
         after_train = compile_seconds()
         if infer:
-            row.update(measure_infer(runner, model, args, size, graphed))
+            figures, tables["infer"] = measure_infer(runner, model, args, size, graphed)
+            row.update(figures)
         if mode not in UNCOMPILED_MODES:
             row["compile_s_train"] = seconds_between(before, after_train)
             if infer:
                 row["compile_s_infer"] = seconds_between(after_train, compile_seconds())
     except Exception as exc:
         row["error"] = f"{type(exc).__name__}: {exc}"[:500]
-    row["kernel_tables"] = args.kernel_tables  # popped by main() into --kernels-json
     del model
     torch.cuda.empty_cache()
-    return row
+    return row, tables
 
 
 def headline(rows: list[dict], model: str, backend: str, size: int = 224, batch: int = 128) -> dict:
@@ -379,8 +382,7 @@ def main(argv=None) -> dict:
     rows = []
     kernel_tables = []
 
-    def add(row):
-        tables = row.pop("kernel_tables")
+    def add(row: dict, tables: dict):
         if tables:
             kernel_tables.append({**{k: row[k] for k in ("model", "mode", "img_size", "train_batch")},
                                   **{what: [{"name": n, "ms": round(ms, 4), "calls": c} for n, ms, c in table]
@@ -391,11 +393,11 @@ def main(argv=None) -> dict:
     for name in args.models:
         for backend in backends:
             for mode in args.modes:
-                add(bench_one(name, backend, mode, args, args.img_size, args.train_batch,
-                              infer=not args.train_only))
+                add(*bench_one(name, backend, mode, args, args.img_size, args.train_batch,
+                               infer=not args.train_only))
     for size, batch in args.extra_train:
         for mode in args.modes:
-            add(bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
+            add(*bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
     header = ("model", "backend", "mode", "img_size", "train_batch", "train_img_s",
               "train_step_ms", "gpu_ms_per_train_step", "peak_train_mem_gib",
               "launches_per_train_step",

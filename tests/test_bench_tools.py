@@ -96,3 +96,32 @@ def test_bench_model_reads_inductor_settings():
     assert args.dwconv_config == {"rows_per_program": 16, "row_warps": 8}
     with pytest.raises(SystemExit):
         bench.parse_args(["--dwconv-config", "rows_per_program"])
+
+
+def test_bench_model_writes_every_kernel_and_skips_inference_when_asked(tmp_path, monkeypatch):
+    """main()'s bookkeeping with the GPU measurements stubbed out: --kernels-json gets each
+    row's kernel tables, --train-only leaves the inference part out."""
+    bench = load("bench_model")
+    table = [("gemm", 2.5, 3), ("triton_poi_fused_add", 0.5, 7)]
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "stub GPU")
+    monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(bench.torch.nn.Module, "cuda", lambda self: self)
+    monkeypatch.setattr(bench, "available_backends", lambda: {"cuda": None})
+    monkeypatch.setattr(bench, "resolve_backend", lambda backend, device: backend)
+    monkeypatch.setattr(bench, "prepare", lambda model, mode: model)
+    figures = {"train_img_s": 100.0, "peak_train_mem_gib": 1.0, "launches_per_train_step": 10}
+    monkeypatch.setattr(bench, "measure_train", lambda *a: (dict(figures), table))
+    monkeypatch.setattr(bench, "measure_infer", lambda *a: ({"infer_img_s": 400.0}, table[:1]))
+    common = ["--backends", "cuda", "--modes", "eager", "--extra-train", "--num-classes", "3"]
+
+    out = tmp_path / "kernels.json"
+    result = bench.main(common + ["--kernels-json", str(out)])
+    assert result["rows"][0]["infer_img_s"] == 400.0
+    written = json.loads(out.read_text())["rows"]
+    assert [k["name"] for k in written[0]["train"]] == ["gemm", "triton_poi_fused_add"]
+    assert written[0]["train"][1] == {"name": "triton_poi_fused_add", "ms": 0.5, "calls": 7}
+    assert [k["name"] for k in written[0]["infer"]] == ["gemm"]
+
+    result = bench.main(common + ["--train-only"])
+    assert "infer_img_s" not in result["rows"][0] and result["rows"][0]["train_img_s"] == 100.0
