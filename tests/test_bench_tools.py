@@ -125,3 +125,21 @@ def test_bench_model_writes_every_kernel_and_skips_inference_when_asked(tmp_path
 
     result = bench.main(common + ["--train-only"])
     assert "infer_img_s" not in result["rows"][0] and result["rows"][0]["train_img_s"] == 100.0
+
+
+def test_bench_dwconv_best_config_weighs_shapes_and_needs_all_of_them():
+    bench = load("bench_dwconv")
+    spec = {"rows_per_program": (8, 16)}
+
+    def row(shape, rows, ms):
+        return {"impl": "fused", "shape": shape, "config": {"rows_per_program": rows, "row_warps": 4},
+                "fwd_ms": ms, "bwd_pre_ms": ms}
+
+    # 16 rows: faster at stage 3 (weight 6), slower at stage 1 (weight 3): it wins
+    rows = [row("stage1", 8, 1.0), row("stage3", 8, 1.0), row("stage1", 16, 1.5), row("stage3", 16, 0.5)]
+    assert bench.best_config(rows, spec, ("fwd_ms", "bwd_pre_ms")) == {"rows_per_program": 16}
+    # a configuration timed at one shape only cannot win on its smaller total
+    rows = [row("stage1", 8, 1.0), row("stage3", 8, 1.0), row("stage1", 16, 0.1)]
+    assert bench.best_config(rows, spec, ("fwd_ms", "bwd_pre_ms")) == {"rows_per_program": 8}
+    assert bench.best_config(rows + [{"impl": "cudnn+gelu", "shape": "stage1", "fwd_ms": 0.01}],
+                             spec, ("fwd_ms",)) == {"rows_per_program": 8}
