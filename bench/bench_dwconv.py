@@ -87,15 +87,17 @@ def fused_times(shape, kernels, do_bench, row: bool = True, reduction: bool = Tr
     return times
 
 
-def best_config(rows: list[dict], sweep_spec: dict, time_keys: tuple[str, ...]) -> dict:
+def best_config(rows: list[dict], sweep_spec: dict, time_keys: tuple[str, ...],
+                weights: dict | None = None) -> dict:
     """The swept values with the least ``time_keys`` time over the shapes, weighted by
-    how often groupmamba_tiny runs each shape (``SHAPE_WEIGHTS``)."""
+    how often groupmamba_tiny runs each shape (``weights``, default ``SHAPE_WEIGHTS``)."""
+    weights = SHAPE_WEIGHTS if weights is None else weights
     totals: dict[tuple, float] = {}
     shapes: dict[tuple, set] = {}
     for row in rows:
         if row["impl"] == "fused" and all(k in row for k in time_keys):
             key = tuple(row["config"][k] for k in sweep_spec)
-            totals[key] = totals.get(key, 0.0) + SHAPE_WEIGHTS[row["shape"]] * sum(row[k] for k in time_keys)
+            totals[key] = totals.get(key, 0.0) + weights[row["shape"]] * sum(row[k] for k in time_keys)
             shapes.setdefault(key, set()).add(row["shape"])
     every_shape = max(len(s) for s in shapes.values())
     best = min((key for key in totals if len(shapes[key]) == every_shape), key=totals.get)

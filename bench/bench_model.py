@@ -46,6 +46,10 @@ whose GPU time is ``gpu_ms_per_infer_step``), ``--kernels-json`` writes all of t
 ``--train-only`` skips the inference part (and its compile) when comparing training
 variants; ``--fused-kernels`` with ``--dwconv-config KEY=VALUE`` sets the fused conv
 kernels' launch settings (``bench/bench_dwconv.py`` prints its sweep's best).
+GroupMamba's scans run as the fused channels-last grid scan (``kernels.grid_scan``)
+with the ``triton`` and ``auto`` backends, unless ``--sequence-scan``; each row's
+``scan_layout`` says which (``grid`` or ``sequence``), and ``--grid-scan-config
+KEY=VALUE`` sets the grid scan's launch settings (``bench/bench_grid_scan.py``).
 
 With ``--json`` the file also gets the headline keys DESIGN.md asks for
 (``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
@@ -56,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import importlib
 import json
 import statistics
 import sys
@@ -111,6 +116,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dwconv-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="launch settings of the fused conv kernels (with --fused-kernels), e.g. "
                              "rows_per_program=16, as bench/bench_dwconv.py's best_config prints them")
+    parser.add_argument("--sequence-scan", action="store_true",
+                        help="gather each channel group into its scan order and back around the "
+                             "backend's scan (GroupMamba.set_fused_scan(False)) instead of the "
+                             "fused grid scan that the triton and auto backends run")
+    parser.add_argument("--grid-scan-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="launch settings of the fused grid scan, e.g. fwd_block_t=128, as "
+                             "bench/bench_grid_scan.py's best_config prints them")
     compiled = parser.add_argument_group("compiled modes")
     compiled.add_argument("--memory-budget", type=float, default=1.0,
                           help="torch._functorch.config.activation_memory_budget: below 1 the "
@@ -122,6 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         args.inductor_config = inductor_settings(args.inductor_config)
         args.dwconv_config = dwconv_settings(args.dwconv_config)
+        args.grid_scan_config = launch_settings(args.grid_scan_config, "--grid-scan-config")
     except ValueError as exc:
         parser.error(str(exc))
     try:
@@ -140,7 +153,30 @@ def inductor_settings(items: list[str]) -> dict:
 def dwconv_settings(items: list[str]) -> dict:
     """``KEY=VALUE`` strings -> ``{key: value}`` for the fused conv kernels' launch CONFIG
     (the keys are checked in :func:`main`: importing the kernels needs a GPU)."""
-    return key_values(items, lambda key: key.isidentifier(), "--dwconv-config", "a launch setting")
+    return launch_settings(items, "--dwconv-config")
+
+
+def launch_settings(items: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` strings -> ``{key: value}`` for a Triton module's launch CONFIG."""
+    return key_values(items, lambda key: key.isidentifier(), flag, "a launch setting")
+
+
+def apply_launch_settings(module_name: str, settings: dict, flag: str) -> None:
+    """Update a Triton module's launch CONFIG (imported only when there is something to set)."""
+    if not settings:
+        return
+    config = importlib.import_module(module_name).CONFIG
+    unknown = sorted(set(settings) - set(config))
+    if unknown:
+        raise SystemExit(f"error: {flag}: unknown keys {unknown}; known: {', '.join(config)}")
+    config.update(settings)
+
+
+def scan_layout(backend: str, sequence_scan: bool) -> str:
+    """``grid`` where GroupMamba's layers run the fused grid scan, else ``sequence``."""
+    from kernels import grid_scan
+    fused = not sequence_scan and grid_scan.HAS_TRITON and grid_scan._names_triton(backend)
+    return "grid" if fused else "sequence"
 
 
 def key_values(items: list[str], known, flag: str, what: str) -> dict:
@@ -300,6 +336,9 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
            "fused_kernels": args.fused_kernels}
     if args.fused_kernels and args.dwconv_config:
         row["dwconv_config"] = args.dwconv_config
+    row["scan_layout"] = scan_layout(backend, args.sequence_scan)
+    if row["scan_layout"] == "grid" and args.grid_scan_config:
+        row["grid_scan_config"] = args.grid_scan_config
     if mode not in UNCOMPILED_MODES:
         row["memory_budget"] = args.memory_budget
         if args.inductor_config:
@@ -309,6 +348,7 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
     if hasattr(model, "set_fused_kernels"):
         model.set_fused_kernels(args.fused_kernels)
+        model.set_fused_scan(not args.sequence_scan)
     resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
     graphed = mode.endswith("cuda-graph")
     tables = {}
@@ -372,13 +412,8 @@ def main(argv=None) -> dict:
     functorch_config.activation_memory_budget = args.memory_budget
     for key, value in args.inductor_config.items():
         setattr(inductor_config, key, value)
-    if args.dwconv_config:
-        from kernels.depthwise_conv import triton_dwconv
-        unknown = sorted(set(args.dwconv_config) - set(triton_dwconv.CONFIG))
-        if unknown:
-            raise SystemExit(f"error: --dwconv-config: unknown keys {unknown}; "
-                             f"known: {', '.join(triton_dwconv.CONFIG)}")
-        triton_dwconv.CONFIG.update(args.dwconv_config)
+    apply_launch_settings("kernels.depthwise_conv.triton_dwconv", args.dwconv_config, "--dwconv-config")
+    apply_launch_settings("kernels.grid_scan.triton_grid_scan", args.grid_scan_config, "--grid-scan-config")
     rows = []
     kernel_tables = []
 

@@ -8,7 +8,8 @@
 # Each BENCH writes bench_<name>.{json,log} and kernels_<name>.json (every kernel of
 # the profiled steps); with DWCONV_SWEEP=1 bench/bench_dwconv.py sweeps the fused conv
 # kernels' launch settings first and every BENCH with --fused-kernels gets its
-# best_config. Logs go to runs/serial and are packed into $OUT/all.tgz after each
+# best_config; with GRID_SWEEP=1 bench/bench_grid_scan.py sweeps the grid scan's
+# and every BENCH gets its best_config. Logs go to runs/serial and are packed into $OUT/all.tgz after each
 # step (the device returns at most 8 files). The scan extension is built as a wheel,
 # returned as $OUT/groupmamba_scan_cuda-*.whl with scan_ext.hash; carried back in
 # .whl/ (with the hash of the current sources) it is installed instead of rebuilt.
@@ -60,12 +61,22 @@ print('--dwconv-config', *(f'{k}={v}' for k, v in c.items()))" 2>/dev/null)
     pack
 fi
 
+grid_flags=""
+if [ "${GRID_SWEEP:-0}" = 1 ]; then
+    timeout "$(left)" python3 bench/bench_grid_scan.py --json "$W/bench_grid_scan.json" >"$W/bench_grid_scan.log" 2>&1
+    log "grid scan sweep exit $?: $(grep best_config "$W/bench_grid_scan.log")"
+    grid_flags=$(python3 -c "import json; c = json.load(open('$W/bench_grid_scan.json'))['best_config']; \
+print('--grid-scan-config', *(f'{k}={v}' for k, v in c.items()))" 2>/dev/null)
+    pack
+fi
+
 for index in 1 2 3 4 5 6 7 8 9; do
     spec_var="BENCH_$index"; spec=${!spec_var:-}
     [ -n "$spec" ] || continue
     read -r name flags <<<"$spec"
     if [ "$(left)" -lt 60 ]; then log "skip bench $name: $(left) s left"; continue; fi
     case " $flags " in *" --fused-kernels "*) flags="$flags $dwconv_flags" ;; esac
+    flags="$flags $grid_flags"
     log "bench $name: $flags"
     timeout "$(left)" python3 bench/bench_model.py $flags --json "$W/bench_$name.json" \
         --kernels-json "$W/kernels_$name.json" >"$W/bench_$name.log" 2>&1

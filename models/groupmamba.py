@@ -132,6 +132,10 @@ class GroupMambaLayer(nn.Module):
         # True: in the batched pipeline, the depth-wise conv + SiLU as one fused op on
         # CUDA (kernels.depthwise_conv) instead of cuDNN's conv and a separate SiLU
         self.fused_kernel = False
+        # True: on CUDA (Triton, d_state 1), the scans read the channels-last maps in
+        # their orders in one fused op (kernels.grid_scan); False gathers each group
+        # into its scan order and runs the SS2Ds' scan_backend
+        self.fused_scan = True
 
     def group_scans(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
@@ -145,7 +149,7 @@ class GroupMambaLayer(nn.Module):
         """Each channel quarter of ``(B, H, W, C)`` through its own SS2D, concatenated."""
         scans = self.group_scans()
         if self.batch_groups and can_batch(scans):
-            return grouped_ss2d(scans, grid, fused_conv=self.fused_kernel)
+            return grouped_ss2d(scans, grid, fused_conv=self.fused_kernel, fused_scan=self.fused_scan)
         groups = grid.chunk(len(scans), dim=-1)
         return torch.cat([scan(group) for scan, group in zip(scans, groups)], dim=-1)
 
@@ -420,6 +424,16 @@ class GroupMamba(nn.Module):
         for module in self.modules():
             if isinstance(module, (ConvMlp, GroupMambaLayer)):
                 module.fused_kernel = enabled
+
+    def set_fused_scan(self, enabled: bool) -> None:
+        """Use (or not) the fused channels-last scan on CUDA (:mod:`kernels.grid_scan`).
+
+        On by default. Off, each channel group is gathered into its scan order and
+        back around the SS2Ds' ``scan_backend`` (the way every scan runs on the CPU).
+        """
+        for module in self.modules():
+            if isinstance(module, GroupMambaLayer):
+                module.fused_scan = enabled
 
     def set_scan_backend(self, backend: str) -> None:
         """Switch the selective-scan backend of every SS2D in the model."""

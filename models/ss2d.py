@@ -13,7 +13,6 @@ flattened over it), so official weights load unchanged.
 """
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Optional, Sequence
@@ -22,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import depthwise_conv
+from kernels import depthwise_conv, grid_scan
 
 from .csms6s import check_direction, from_sequence, selective_scan, to_sequence
 
@@ -149,71 +148,6 @@ def can_batch(scans: Sequence[SS2D]) -> bool:
             and first.out_norm.bias is not None and all(config(s) == config(first) for s in scans))
 
 
-def _build_scan_orders(directions: tuple[str, ...], height: int, width: int,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the grid position read at each step of its scan, and the inverse.
-
-    ``order[g, t]`` is the row-major position that group ``g`` reads at step ``t``;
-    gathering with it replaces the per-direction transpose/flatten/flip copies by
-    one op for all groups. Both are ``(G, H * W)`` int64.
-    """
-    grid = torch.arange(height * width, device=device).view(1, 1, height, width)
-    order = torch.stack([to_sequence(grid, direction).reshape(-1) for direction in directions])
-    return order, torch.argsort(order, dim=1)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_scan_orders(directions: tuple[str, ...], height: int, width: int,
-                        device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # cached across calls, so never an inference tensor (autograd could not save it)
-    with torch.inference_mode(False):
-        return _build_scan_orders(directions, height, width, device)
-
-
-def _scan_orders(directions: tuple[str, ...], height: int, width: int,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    if torch.compiler.is_compiling():
-        # traced into the graph instead (a handful of index ops the compiler folds);
-        # a Python-level cache is invisible to the compiled code
-        return _build_scan_orders(directions, height, width, device)
-    return _cached_scan_orders(directions, height, width, device)
-
-
-def _gather_steps(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``out[b, g, k, t] = x[b, g, k, index[g, t]]`` for ``x`` of shape ``(B, G, K, L)``."""
-    batch, groups, channels, length = x.shape
-    return torch.gather(x, 3, index.view(1, groups, 1, length).expand(batch, groups, channels, length))
-
-
-class _ReorderSteps(torch.autograd.Function):
-    """:func:`_gather_steps` with a gather as its backward too.
-
-    ``index`` is a permutation per group, so the gradient is the gather with its
-    inverse; autograd's generic gather backward would zero a buffer and
-    scatter-add into it (atomics on the GPU) instead.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inverse)
-        return _gather_steps(x, index)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inverse,) = ctx.saved_tensors
-        return _gather_steps(grad, inverse), None, None
-
-
-def _to_scan_layout(x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Channels-last ``(B, L, G, K)`` -> ``(B, G, K, L)``, each group in its scan order."""
-    return _ReorderSteps.apply(x.permute(0, 2, 3, 1), order, inverse)
-
-
-def _from_scan_layout(y: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_to_scan_layout`: ``(B, G, K, L)`` -> ``(B, L, G, K)`` (a view)."""
-    return _ReorderSteps.apply(y, inverse, order).permute(0, 3, 1, 2)
-
-
 def _section_bounds(sections: Sequence[int]) -> list[tuple[int, int]]:
     ends = list(itertools.accumulate(sections))
     return list(zip([0] + ends[:-1], ends))
@@ -273,7 +207,8 @@ def _is_plain_3x3(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = False) -> torch.Tensor:
+def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = False,
+                 fused_scan: bool = True) -> torch.Tensor:
     """All of ``scans`` on their channel groups of ``x`` as one batched computation.
 
     Equal to ``torch.cat([scan(g) for scan, g in zip(scans, x.chunk(G, -1))], -1)``
@@ -281,11 +216,13 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = Fals
     all G groups instead of G. Everything stays channels-last with the groups side
     by side, ``(B, H, W, G * channels)``: the projections are linear layers over all
     groups (:func:`_grouped_linear`), the depth-wise convs one conv over the
-    ``G * d_inner`` channels. Only the selective scan needs its own layout, each
-    group's sequence contiguous in its scan order: its inputs are gathered into it
-    and its output gathered back, with the groups side by side along D (B and C
-    with G groups). With ``fused_conv`` (and a CUDA tensor, Triton, a 3x3 conv) the
-    conv and SiLU run as one fused op (:mod:`kernels.depthwise_conv`).
+    ``G * d_inner`` channels, and the selective scans one call of
+    :func:`kernels.grid_scan.selective_scan_grid`, which reads each group in its
+    scan order: with ``fused_scan`` on CUDA tensors (Triton, ``d_state`` 1) straight
+    from the channels-last maps, otherwise by gathering into sequences and back
+    and running the scans' ``scan_backend``. With ``fused_conv`` (and a CUDA
+    tensor, Triton, a 3x3 conv) the conv and SiLU run as one fused op
+    (:mod:`kernels.depthwise_conv`).
 
     Shapes: ``(B, H, W, G * d_model)`` -> ``(B, H, W, G * d_model)``.
     """
@@ -313,26 +250,20 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = Fals
                       conv.stride, conv.padding, conv.dilation, groups * d_inner)
         xs = first.act(xs).permute(0, 2, 3, 1)  # (B, H, W, G * d_inner)
 
-    # x_proj and dt_proj depend on the position only, so they run before the reordering
+    # x_proj and dt_proj run on the grid too: they depend on the position only
     dt_rank, d_state = first.dt_rank, first.d_state
     dts, Bs, Cs = _grouped_linear(xs, [s.x_proj_weight[0] for s in scans], [dt_rank, d_state, d_state])
     (dts,) = _grouped_linear(dts, [s.dt_projs_weight[0] for s in scans], [d_inner])
 
-    # every group into its own scan order at once: (B, G, K, L)
-    order, inverse = _scan_orders(tuple(s.direction for s in scans), height, width, x.device)
-
-    def scan_layout(t: torch.Tensor, per_group: int) -> torch.Tensor:
-        return _to_scan_layout(t.reshape(batch, length, groups, per_group), order, inverse)
-
+    # the scan reads the channels-last maps in each group's order and writes y back
+    # in place: (B, L, G * d_inner) float32
     A = -torch.exp(torch.cat([s.A_logs for s in scans]).float())
-    ys = selective_scan(scan_layout(xs, d_inner).view(batch, groups * d_inner, length),
-                        scan_layout(dts, d_inner).view(batch, groups * d_inner, length),
-                        A, scan_layout(Bs, d_state), scan_layout(Cs, d_state),
-                        torch.cat([s.Ds for s in scans]), torch.cat([s.dt_projs_bias.view(-1) for s in scans]),
-                        delta_softplus=True, backend=first.scan_backend)
-
-    # back to row-major channels-last: (B, L, G, d_inner)
-    ys = _from_scan_layout(ys.view(batch, groups, d_inner, length), order, inverse)
+    ys = grid_scan.selective_scan_grid(
+        xs.reshape(batch, length, groups * d_inner), dts.reshape(batch, length, groups * d_inner), A,
+        Bs.reshape(batch, length, groups * d_state), Cs.reshape(batch, length, groups * d_state),
+        torch.cat([s.Ds for s in scans]), torch.cat([s.dt_projs_bias.view(-1) for s in scans]),
+        tuple(s.direction for s in scans), height, width, backend=first.scan_backend, fused=fused_scan)
+    ys = ys.view(batch, length, groups, d_inner)
     # per-group LayerNorm: the normalisation is shared, only the affine differs per group
     norm = first.out_norm
     ys = F.layer_norm(ys, norm.normalized_shape, eps=norm.eps)

@@ -181,20 +181,6 @@ def test_grouped_linear_ways_agree_with_per_group_linears():
                                     (x, *weights, *biases))
 
 
-def test_scan_layout_round_trip_and_gradient():
-    order, inverse = ss2d._build_scan_orders(SCAN_DIRECTIONS, 3, 4, torch.device("cpu"))
-    x = torch.randn(2, 12, 4, 3, dtype=torch.float64, requires_grad=True)  # (B, L, G, K)
-    in_scan = ss2d._to_scan_layout(x, order, inverse)
-    assert in_scan.shape == (2, 4, 3, 12)
-    grid = x.detach().permute(0, 2, 3, 1).reshape(2, 4, 3, 3, 4)  # (B, G, K, H, W)
-    for group, direction in enumerate(SCAN_DIRECTIONS):
-        assert torch.equal(in_scan[:, group].detach(), to_sequence(grid[:, group], direction))
-    assert torch.equal(ss2d._from_scan_layout(in_scan, order, inverse), x)
-    assert torch.autograd.gradcheck(lambda t: ss2d._to_scan_layout(t, order, inverse), (x,))
-    scanned = in_scan.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: ss2d._from_scan_layout(t, order, inverse), (scanned,))
-
-
 def test_grouped_ss2d_falls_back_without_conv():
     scans = [models.SS2D(8, d_conv=1, direction=direction) for direction in SCAN_DIRECTIONS]
     assert not can_batch(scans)
