@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 on a GPU that supports it, else off")
     g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
-                   help="GroupMamba selective-scan implementation")
+                   help="GroupMamba selective-scan implementation (auto and triton on CUDA: "
+                        "the fused channels-last grid scan)")
     return p
 
 

@@ -220,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate")
     g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
                    help="GroupMamba selective-scan implementation (also exported as "
-                        "GROUPMAMBA_SCAN_BACKEND)")
+                        "GROUPMAMBA_SCAN_BACKEND); with auto or triton on CUDA the model's layers "
+                        "run the fused channels-last grid scan (kernels/grid_scan), cuda runs the "
+                        "compiled extension on sequences gathered into scan order")
     g.add_argument("--fused-dwconv", action="store_true",
                    help="GroupMamba on CUDA: the depth-wise convs as fused Triton kernels whose "
                         "backward recomputes them (same numerics); on an H200, groupmamba_tiny "

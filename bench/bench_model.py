@@ -88,8 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["groupmamba_tiny"])
-    parser.add_argument("--backends", nargs="+", default=["cuda", "triton", "torch"],
-                        help="scan backends; the first available one gives the headline keys")
+    parser.add_argument("--backends", nargs="+", default=["triton", "cuda", "torch"],
+                        help="scan backends; the first available one gives the headline keys "
+                             "(triton: GroupMamba's layers run the grid scan, the default path on "
+                             "CUDA; cuda: the extension on sequences gathered into scan order)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--train-batch", type=int, default=128)
