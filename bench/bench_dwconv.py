@@ -114,45 +114,57 @@ def sweep(sweep_spec: dict):
         yield dict(zip(keys, values))
 
 
+def median_ms(fn) -> float:
+    """``triton.testing.do_bench``'s median of ``fn`` in ms (needs a GPU)."""
+    import triton.testing
+    return round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
+
+
+def launch_configs(shipped_only: bool, first: dict, second: dict):
+    """``(config, first kernel timed, second kernel timed)``: the shipped launch settings
+    for both kernels, or each kernel's own sweep with the other's keys left as shipped."""
+    if shipped_only:
+        return [({}, True, True)]
+    return [*((c, True, False) for c in sweep(first)), *((c, False, True) for c in sweep(second))]
+
+
+def write_result(rows: list[dict], best: dict | None, json_path: Path | None) -> None:
+    """Print the sweep's best configuration and write everything to ``json_path``."""
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if best is not None:
+        result["best_config"] = best
+        print("best_config", json.dumps(best), flush=True)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(json_path, result)
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_dwconv.py needs a CUDA GPU")
-    import triton.testing
     from kernels.depthwise_conv import triton_dwconv as kernels
-
-    def do_bench(fn):
-        return round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
 
     default = dict(kernels.CONFIG)
     rows = []
     for name in args.shapes:
         shape = SHAPES[name]
-        base = cudnn_times(shape, do_bench)
+        base = cudnn_times(shape, median_ms)
         rows.append({"shape": name, "dims": shape, "impl": "cudnn+gelu", **base,
                      "fwd_GBps": gbps(shape, 2, base["fwd_ms"]), "bwd_GBps": gbps(shape, 3, base["bwd_ms"])})
         print(rows[-1], flush=True)
-        if args.shipped_only:
-            configs = [({}, True, True)]
-        else:  # each kernel's own launch keys, the other kernel's left at the default
-            configs = itertools.chain(((c, True, False) for c in sweep(ROW_SWEEP)),
-                                      ((c, False, True) for c in sweep(REDUCTION_SWEEP)))
-        for config, row_kernels, reduction_kernel in configs:
+        for config, row_kernels, reduction_kernel in launch_configs(args.shipped_only, ROW_SWEEP,
+                                                                    REDUCTION_SWEEP):
             kernels.CONFIG.update(default, **config)
-            times = fused_times(shape, kernels, do_bench, row_kernels, reduction_kernel)
+            times = fused_times(shape, kernels, median_ms, row_kernels, reduction_kernel)
             rates = {f"{key[:-3]}_GBps": gbps(shape, 2 if key == "fwd_ms" else 3, ms) for key, ms in times.items()}
             rows.append({"shape": name, "dims": shape, "impl": "fused", "config": dict(kernels.CONFIG),
                          **times, **rates})
             print(rows[-1], flush=True)
         kernels.CONFIG.update(default)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    if not args.shipped_only:
-        result["best_config"] = {**best_config(rows, ROW_SWEEP, ("fwd_ms", "bwd_pre_ms")),
-                                 **best_config(rows, REDUCTION_SWEEP, ("bwd_input_weight_ms",))}
-        print("best_config", json.dumps(result["best_config"]), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, result)
+    best = None if args.shipped_only else {**best_config(rows, ROW_SWEEP, ("fwd_ms", "bwd_pre_ms")),
+                                            **best_config(rows, REDUCTION_SWEEP, ("bwd_input_weight_ms",))}
+    write_result(rows, best, args.json)
     return rows
 
 

@@ -21,7 +21,6 @@ Times are ``triton.testing.do_bench`` medians in ms.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from bench_dwconv import best_config, sweep  # noqa: E402
-from utils.images import atomic_write_json  # noqa: E402
+from bench_dwconv import best_config, launch_configs, median_ms, write_result  # noqa: E402
 
 # (batch, H = W, channels a group, dt_rank) of groupmamba_tiny's GroupMambaLayers
 SHAPES = {"stage1": (128, 56, 16, 1), "stage2": (128, 28, 32, 2), "stage3": (128, 14, 87, 6),
@@ -107,12 +105,8 @@ def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("error: bench_grid_scan.py needs a CUDA GPU")
-    import triton.testing
     from kernels import grid_scan
     from kernels.grid_scan import triton_grid_scan as kernels
-
-    def do_bench(fn):
-        return round(triton.testing.do_bench(fn, warmup=10, rep=50), 4)
 
     default = dict(kernels.CONFIG)
     rows = []
@@ -120,29 +114,20 @@ def main(argv=None) -> list[dict]:
         inputs = make_inputs(SHAPES[name])
         for impl, times in (
                 ("sequence", forward_backward_times(
-                    lambda **a: grid_scan.reference(**a, backend=args.backend), inputs, do_bench)),
-                ("scan only", scan_only_times(inputs, args.backend, do_bench))):
+                    lambda **a: grid_scan.reference(**a, backend=args.backend), inputs, median_ms)),
+                ("scan only", scan_only_times(inputs, args.backend, median_ms))):
             rows.append({"shape": name, "dims": SHAPES[name], "impl": impl, "backend": args.backend, **times})
             print(rows[-1], flush=True)
-        if args.shipped_only:
-            configs = [({}, True, True)]
-        else:  # each kernel's own launch keys, the other kernel's left at the default
-            configs = [*((c, True, False) for c in sweep(FWD_SWEEP)), *((c, False, True) for c in sweep(BWD_SWEEP))]
-        for config, forward, backward in configs:
+        for config, forward, backward in launch_configs(args.shipped_only, FWD_SWEEP, BWD_SWEEP):
             kernels.CONFIG.update(default, **config)
-            times = forward_backward_times(grid_scan.fused_scan, inputs, do_bench, forward, backward)
+            times = forward_backward_times(grid_scan.fused_scan, inputs, median_ms, forward, backward)
             rows.append({"shape": name, "dims": SHAPES[name], "impl": "fused", "config": dict(kernels.CONFIG),
                          **times})
             print(rows[-1], flush=True)
         kernels.CONFIG.update(default)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
-    if not args.shipped_only:
-        result["best_config"] = {**best_config(rows, FWD_SWEEP, ("fwd_ms",), SHAPE_WEIGHTS),
-                                 **best_config(rows, BWD_SWEEP, ("bwd_ms",), SHAPE_WEIGHTS)}
-        print("best_config", json.dumps(result["best_config"]), flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(args.json, result)
+    best = None if args.shipped_only else {**best_config(rows, FWD_SWEEP, ("fwd_ms",), SHAPE_WEIGHTS),
+                                            **best_config(rows, BWD_SWEEP, ("bwd_ms",), SHAPE_WEIGHTS)}
+    write_result(rows, best, args.json)
     return rows
 
 

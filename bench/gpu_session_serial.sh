@@ -52,23 +52,19 @@ if [ -n "${TESTS:-}" ]; then
     pack
 fi
 
+# sweep <name> <flag>: bench/bench_<name>.py sweeps launch settings; swept_flags is then
+# "<flag> KEY=VALUE ..." of its best_config (empty if it failed)
+sweep() {
+    timeout "$(left)" python3 "bench/bench_$1.py" --json "$W/bench_$1.json" >"$W/bench_$1.log" 2>&1
+    log "$1 sweep exit $?: $(grep best_config "$W/bench_$1.log")"
+    swept_flags=$(python3 -c "import json; c = json.load(open('$W/bench_$1.json'))['best_config']; \
+print('$2', *(f'{k}={v}' for k, v in c.items()))" 2>/dev/null)
+    pack
+}
 dwconv_flags=""
-if [ "${DWCONV_SWEEP:-0}" = 1 ]; then
-    timeout "$(left)" python3 bench/bench_dwconv.py --json "$W/bench_dwconv.json" >"$W/bench_dwconv.log" 2>&1
-    log "dwconv sweep exit $?: $(grep best_config "$W/bench_dwconv.log")"
-    dwconv_flags=$(python3 -c "import json; c = json.load(open('$W/bench_dwconv.json'))['best_config']; \
-print('--dwconv-config', *(f'{k}={v}' for k, v in c.items()))" 2>/dev/null)
-    pack
-fi
-
+if [ "${DWCONV_SWEEP:-0}" = 1 ]; then sweep dwconv --dwconv-config; dwconv_flags=$swept_flags; fi
 grid_flags=""
-if [ "${GRID_SWEEP:-0}" = 1 ]; then
-    timeout "$(left)" python3 bench/bench_grid_scan.py --json "$W/bench_grid_scan.json" >"$W/bench_grid_scan.log" 2>&1
-    log "grid scan sweep exit $?: $(grep best_config "$W/bench_grid_scan.log")"
-    grid_flags=$(python3 -c "import json; c = json.load(open('$W/bench_grid_scan.json'))['best_config']; \
-print('--grid-scan-config', *(f'{k}={v}' for k, v in c.items()))" 2>/dev/null)
-    pack
-fi
+if [ "${GRID_SWEEP:-0}" = 1 ]; then sweep grid_scan --grid-scan-config; grid_flags=$swept_flags; fi
 
 for index in 1 2 3 4 5 6 7 8 9; do
     spec_var="BENCH_$index"; spec=${!spec_var:-}

@@ -6,9 +6,6 @@ gradient, strided input, several programs per reduction, ``opcheck`` of the cust
 op's registration). On a GPU (skipped without CUDA): the model's blocks with and
 without the fused op, eager and compiled.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,9 +13,7 @@ import torch.nn.functional as F
 
 from kernels import depthwise_conv
 from models.groupmamba import ConvMlp, GroupMambaBlock
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from subprocesses import run_in_triton_interpreter
 
 def test_reference_equals_the_unfused_feed_forward():
     torch.manual_seed(0)
@@ -109,13 +104,7 @@ def _has_triton():
 
 @pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
 def test_triton_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
-        pytest.skip("this Triton's CPU interpreter is incompatible with this NumPy")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "WORST" in proc.stdout
+    run_in_triton_interpreter(_INTERPRETER_CHECK)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -7,9 +7,6 @@ B/C, bf16, ``opcheck`` of both custom ops). On a GPU (skipped without CUDA): the
 fused op against the reference at GroupMamba's stage shapes, eager and
 compiled, and a GroupMamba layer with and without it.
 """
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,9 +14,7 @@ import torch
 from kernels import grid_scan
 from kernels.selective_scan import selective_scan_fn
 from models.csms6s import SCAN_DIRECTIONS, to_sequence
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
+from subprocesses import run_in_triton_interpreter
 
 def _inputs(batch, height, width, per_group, n_state=1, dtype=torch.float64, device="cpu", seed=0):
     """Random scan inputs in the grid layout; B and C are strided views of one projection."""
@@ -152,13 +147,7 @@ for (dtype, name), err in worst.items():
 
 @pytest.mark.skipif(not grid_scan.HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_in_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=900)
-    if proc.returncode != 0 and "only 0-dimensional arrays can be converted" in proc.stderr:
-        pytest.skip("this Triton's CPU interpreter is incompatible with this NumPy")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "WORST" in proc.stdout
+    run_in_triton_interpreter(_INTERPRETER_CHECK)
 
 
 # --------------------------------------------------------------------------- GPU

@@ -45,6 +45,8 @@ except ImportError as exc:  # pragma: no cover - depends on the machine
 if not _INTERPRET and not torch.cuda.is_available():
     raise ImportError("the channels-last scan needs a CUDA GPU (torch.cuda.is_available() is False)")
 
+from kernels.selective_scan.triton_math import lin_combine as _lin_combine, softplus as _softplus  # noqa: E402
+
 __all__ = ["CONFIG", "backward_chunk", "grid_scan_fwd", "grid_scan_bwd"]
 
 # launch configuration (module-level so that bench/bench_grid_scan.py can sweep it):
@@ -57,20 +59,6 @@ CONFIG = {"fwd_block_t": 32, "fwd_block_c": 16, "fwd_warps": 4,
 
 
 @triton.jit
-def _lin_combine(a1, b1, a2, b2):
-    # compose x -> a1 x + b1, then x -> a2 x + b2
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow, and without losing exp(x) for x << 0
-    e = tl.exp(-tl.abs(x))
-    tail = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-    return tl.maximum(x, 0.0) + tail
-
-
-@triton.jit
 def _grid_positions(t, L, H, W, code):
     """Row-major grid position of step ``t`` of the order ``code`` (``t`` clamped to ``L - 1``)."""
     s = tl.minimum(t, L - 1)
@@ -79,8 +67,9 @@ def _grid_positions(t, L, H, W, code):
 
 
 @triton.jit
-def _program_tile(L, H, W, K, G, codes, n_tiles, BLOCK_C: tl.constexpr):
-    """This program's batch element, group, the group's order and its channels."""
+def _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C: tl.constexpr):
+    """This program's batch element, group, the group's order, its channels and their
+    ``A``, ``D`` and ``delta_bias``."""
     pid = tl.program_id(0)
     tile = pid % n_tiles
     bg = pid // n_tiles
@@ -90,19 +79,27 @@ def _program_tile(L, H, W, K, G, codes, n_tiles, BLOCK_C: tl.constexpr):
     c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < K
     ch = group * K + c
-    return b, group, code, ch, c_ok
+    a = tl.load(A_ptr + ch, mask=c_ok, other=0.0)
+    d = tl.load(D_ptr + ch, mask=c_ok, other=0.0)
+    bias = tl.load(bias_ptr + ch, mask=c_ok, other=0.0)
+    return b, group, code, ch, c_ok, a, d, bias
 
 
 @triton.jit
-def _load_chunk(u_ptr, delta_ptr, B_ptr, bias, a, b, pos, ch, m, t_ok,
-                su_b, su_l, sd_b, sd_l, sB_b, sB_l, group):
-    """Inputs of one chunk in float32: ``u``, the raw ``delta + bias``, ``dt``, ``B``, the decay."""
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, t, L, H, W, code, ch, c_ok,
+                su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l, group):
+    """The chunk of steps ``t``: their grid positions, validity (steps, tile) and inputs in
+    float32: ``u``, the raw ``delta + bias``, ``dt``, ``B``, ``C``, the decay."""
+    t_ok = t < L
+    pos = _grid_positions(t, L, H, W, code)
+    m = t_ok[:, None] & c_ok[None, :]
     u = tl.load(u_ptr + b * su_b + pos[:, None] * su_l + ch[None, :], mask=m, other=0.0).to(tl.float32)
     x = tl.load(delta_ptr + b * sd_b + pos[:, None] * sd_l + ch[None, :], mask=m, other=0.0).to(tl.float32)
     x = x + bias[None, :]
     dt = tl.where(m, _softplus(x), 0.0)  # padded steps: dt = 0, an identity step
     Bv = tl.load(B_ptr + b * sB_b + pos * sB_l + group, mask=t_ok, other=0.0).to(tl.float32)
-    return u, x, dt, Bv, tl.exp(dt * a[None, :])
+    Cv = tl.load(C_ptr + b * sC_b + pos * sC_l + group, mask=t_ok, other=0.0).to(tl.float32)
+    return t_ok, pos, m, u, x, dt, Bv, Cv, tl.exp(dt * a[None, :])
 
 
 @triton.jit
@@ -110,21 +107,15 @@ def _grid_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_p
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      L, H, W, K, G, codes, n_tiles, state_t, n_state_chunks,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATES: tl.constexpr):
-    b, group, code, ch, c_ok = _program_tile(L, H, W, K, G, codes, n_tiles, BLOCK_C)
+    b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
     dim = G * K
-    a = tl.load(A_ptr + ch, mask=c_ok, other=0.0)
-    d = tl.load(D_ptr + ch, mask=c_ok, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=c_ok, other=0.0)
     steps = tl.arange(0, BLOCK_T)
     h_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     for start in range(0, L, BLOCK_T):
         t = start + steps
-        t_ok = t < L
-        pos = _grid_positions(t, L, H, W, code)
-        m = t_ok[:, None] & c_ok[None, :]
-        u, x, dt, Bv, decay = _load_chunk(u_ptr, delta_ptr, B_ptr, bias, a, b, pos, ch, m, t_ok,
-                                          su_b, su_l, sd_b, sd_l, sB_b, sB_l, group)
-        Cv = tl.load(C_ptr + b * sC_b + pos * sC_l + group, mask=t_ok, other=0.0).to(tl.float32)
+        t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, t, L, H, W, code, ch, c_ok,
+            su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l, group)
         acc_a, acc_b = tl.associative_scan((decay, dt * Bv[:, None] * u), axis=0, combine_fn=_lin_combine)
         h = acc_a * h_carry[None, :] + acc_b
         # padded steps are identities, so the last row is the chunk's final state
@@ -149,11 +140,8 @@ def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      batch, L, H, W, K, G, codes, n_tiles, n_chunks,
                      BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC_BC: tl.constexpr):
-    b, group, code, ch, c_ok = _program_tile(L, H, W, K, G, codes, n_tiles, BLOCK_C)
+    b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
     dim = G * K
-    a = tl.load(A_ptr + ch, mask=c_ok, other=0.0)
-    d = tl.load(D_ptr + ch, mask=c_ok, other=0.0)
-    bias = tl.load(bias_ptr + ch, mask=c_ok, other=0.0)
     steps = tl.arange(0, BLOCK_T)
 
     # chunks last to first, from the state entering each that the forward stored
@@ -164,12 +152,9 @@ def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_
     for kk in range(0, n_chunks):
         k = n_chunks - 1 - kk
         t = k * BLOCK_T + steps
-        t_ok = t < L
-        pos = _grid_positions(t, L, H, W, code)
-        m = t_ok[:, None] & c_ok[None, :]
-        u, x, dt, Bv, decay = _load_chunk(u_ptr, delta_ptr, B_ptr, bias, a, b, pos, ch, m, t_ok,
-                                          su_b, su_l, sd_b, sd_l, sB_b, sB_l, group)
-        Cv = tl.load(C_ptr + b * sC_b + pos * sC_l + group, mask=t_ok, other=0.0).to(tl.float32)
+        t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
+            u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, t, L, H, W, code, ch, c_ok,
+            su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l, group)
         out_off = (b * L + pos[:, None]) * dim + ch[None, :]
         dy = tl.load(dy_ptr + out_off, mask=m, other=0.0)
         # delta one step ahead, for the decay that carries g_{t+1} back to t

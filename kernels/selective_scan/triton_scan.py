@@ -42,26 +42,14 @@ if not _INTERPRET and not torch.cuda.is_available():
 
 from ._ops import define_scan_op, output_dtype  # noqa: E402
 
+from .triton_math import lin_combine as _lin_combine, softplus as _softplus  # noqa: E402
+
 __all__ = ["selective_scan_triton", "ScanConfig", "fwd_config", "bwd_config", "candidate_configs"]
 
 
 # ----------------------------------------------------------------------------------
 # kernels
 # ----------------------------------------------------------------------------------
-
-@triton.jit
-def _lin_combine(a1, b1, a2, b2):
-    # compose x -> a1 x + b1, then x -> a2 x + b2
-    return a1 * a2, b1 * a2 + b2
-
-
-@triton.jit
-def _softplus(x):
-    # log(1 + exp(x)) without overflow, and without losing exp(x) for x << 0
-    e = tl.exp(-tl.abs(x))
-    tail = tl.where(e < 1e-4, e * (1.0 - 0.5 * e), tl.log(1.0 + e))
-    return tl.maximum(x, 0.0) + tail
-
 
 @triton.jit
 def _scan_fwd_kernel(
