@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from kernels import depthwise_conv
 from models.groupmamba import ConvMlp, GroupMambaBlock
+from gpu_checks import grads_under_bf16_autocast, relative_error
 from subprocesses import run_in_triton_interpreter
 
 def test_reference_equals_the_unfused_feed_forward():
@@ -117,17 +118,7 @@ def _block_grads(block, x, fused: bool, compiled: bool = False):
     for module in block.modules():
         if hasattr(module, "fused_kernel"):
             module.fused_kernel = fused
-    block.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_()
-    run = torch.compile(block, fullgraph=True) if compiled else block
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = run(x, 14, 14)
-    out.float().square().mean().backward()
-    return out.float(), x.grad, {name: p.grad.clone() for name, p in block.named_parameters()}
-
-
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+    return grads_under_bf16_autocast(block, x, compiled)
 
 
 @needs_cuda
@@ -147,9 +138,9 @@ def test_fused_block_matches_unfused_in_float32():
         out.square().mean().backward()
         results.append((out, xx.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
     (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
-    assert _rel(out_f, out_u) < 1e-5 and _rel(dx_f, dx_u) < 1e-5
+    assert relative_error(out_f, out_u) < 1e-5 and relative_error(dx_f, dx_u) < 1e-5
     for name in g_u:
-        assert _rel(g_f[name], g_u[name]) < 1e-4, name
+        assert relative_error(g_f[name], g_u[name]) < 1e-4, name
 
 
 @needs_cuda
@@ -161,9 +152,9 @@ def test_fused_block_matches_unfused_under_bf16_autocast(compiled):
     out_f, dx_f, g_f = _block_grads(block, x, fused=True, compiled=compiled)
     out_u, dx_u, g_u = _block_grads(block, x, fused=False)
     # bf16 rounding of the unfused conv output (the fused kernel keeps it in float32)
-    assert _rel(out_f, out_u) < 1e-2 and _rel(dx_f, dx_u) < 2e-2
+    assert relative_error(out_f, out_u) < 1e-2 and relative_error(dx_f, dx_u) < 2e-2
     for name in g_u:
-        assert _rel(g_f[name], g_u[name]) < 3e-2, name
+        assert relative_error(g_f[name], g_u[name]) < 3e-2, name
 
 
 def test_fused_switch_leaves_cpu_results_unchanged():

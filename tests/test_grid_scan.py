@@ -14,6 +14,7 @@ import torch
 from kernels import grid_scan
 from kernels.selective_scan import selective_scan_fn
 from models.csms6s import SCAN_DIRECTIONS, to_sequence
+from gpu_checks import grads_under_bf16_autocast, relative_error
 from subprocesses import run_in_triton_interpreter
 
 def _inputs(batch, height, width, per_group, n_state=1, dtype=torch.float64, device="cpu", seed=0):
@@ -156,10 +157,6 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and grid_scan.HAS
                                 reason="needs a CUDA GPU and Triton")
 
 
-def _rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-
-
 def _all_grads(fn, args, dy):
     leaves = {k: v.detach().clone().requires_grad_() for k, v in args.items() if torch.is_tensor(v)}
     y = fn(**{**args, **leaves})
@@ -182,7 +179,7 @@ def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled)
     for name, a, b in zip(["y", "u", "delta", "A", "B", "C", "D", "delta_bias"], got, ref):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         # float32 math on both sides; bf16 gradients are rounded to bf16
-        assert _rel(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), (name, _rel(a, b))
+        assert relative_error(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), (name, relative_error(a, b))
 
 
 @needs_cuda
@@ -194,14 +191,8 @@ def test_layer_with_and_without_fused_scan():
     results = []
     for fused in (True, False):
         layer.fused_scan = fused
-        layer.zero_grad(set_to_none=True)
-        xx = x.clone().requires_grad_()
-        run = torch.compile(layer, fullgraph=True) if fused else layer
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = run(xx, 14, 14)
-        out.float().square().mean().backward()
-        results.append((out.float(), xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+        results.append(grads_under_bf16_autocast(layer, x, compiled=fused))
     (out_f, dx_f, g_f), (out_s, dx_s, g_s) = results
-    assert _rel(out_f, out_s) < 1e-2 and _rel(dx_f, dx_s) < 2e-2
+    assert relative_error(out_f, out_s) < 1e-2 and relative_error(dx_f, dx_s) < 2e-2
     for name in g_s:
-        assert _rel(g_f[name], g_s[name]) < 3e-2, name
+        assert relative_error(g_f[name], g_s[name]) < 3e-2, name
