@@ -1,9 +1,9 @@
-"""Every Triton kernel of the project compiles for an H100/H200 (sm_90), on any machine.
+"""Every Triton kernel of the project compiles for A100 (sm_80) and H100/H200 (sm_90), on any machine.
 
 Triton's CPU interpreter (the other CPU tests) runs the kernels' Python, not
 Triton's compiler, so it misses what only the compiler rejects (types, layouts,
 constexpr use). Here each kernel goes through the real pipeline down to PTX for
-``GPUTarget("cuda", 90, 32)`` with the launch settings the project ships; that
+``GPUTarget("cuda", 80 and 90, 32)`` with the launch settings the project ships; that
 needs the ``triton`` package, not a GPU. Runs in a subprocess because the kernel
 modules check for a GPU at import (patched there).
 """
@@ -24,7 +24,7 @@ from kernels.depthwise_conv import triton_dwconv
 from kernels.grid_scan import triton_grid_scan
 from kernels.selective_scan import triton_scan
 
-TARGET = GPUTarget("cuda", 90, 32)
+TARGETS = [GPUTarget("cuda", 80, 32), GPUTarget("cuda", 90, 32)]
 HALF = ("u_ptr", "delta_ptr", "B_ptr", "C_ptr", "du_ptr", "ddelta_ptr", "x_ptr", "dy_ptr", "out_ptr", "h_ptr",
         "g_ptr", "dx_ptr")
 
@@ -40,9 +40,10 @@ def compile_ptx(kernel, constexprs, warps, float32_ptrs=()):
             signature[name] = "i32"
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(source, target=TARGET, options={"num_warps": warps})
-    assert ".entry " + kernel.__name__ in compiled.asm["ptx"], kernel.__name__
-    print("compiled", kernel.__name__, constexprs)
+    for target in TARGETS:
+        compiled = triton.compile(source, target=target, options={"num_warps": warps})
+        assert ".entry " + kernel.__name__ in compiled.asm["ptx"], kernel.__name__
+        print("compiled", kernel.__name__, constexprs, "for sm", target.arch)
 
 
 grid = triton_grid_scan.CONFIG
@@ -73,7 +74,7 @@ print("ALL COMPILED")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_every_triton_kernel_compiles_for_sm90():
+def test_every_triton_kernel_compiles_for_sm80_and_sm90():
     proc = run_python(_COMPILE_ALL)
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr.lower()):
         pytest.skip("this Triton has no ptxas to compile with")
