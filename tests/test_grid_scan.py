@@ -110,10 +110,11 @@ worst = {}
 # (batch, H, W, channels a group, dtype, launch settings): one chunk and one tile; several
 # chunks (L = 35 in chunks of 16, the forward's chunks twice as long as the backward's, whose
 # entering states it stores) and several channel tiles (5 channels in tiles of 4, whose
-# dB/dC add atomically); bf16 inputs
+# dB/dC add atomically); bf16 and fp16 inputs
 cases = [(2, 5, 7, 3, torch.float32, dict(fwd_block_t=64, bwd_block_t=64, fwd_block_c=4, bwd_block_c=4)),
          (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4)),
-         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8))]
+         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8)),
+         (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4))]
 for batch, height, width, per_group, dtype, config in cases:
     triton_grid_scan.CONFIG.update(config)
     args = _inputs(batch, height, width, per_group, dtype=dtype)
@@ -140,7 +141,7 @@ torch.library.opcheck(torch.ops.groupmamba_grid_scan.scan_backward.default,
                       (torch.randn(2, 12, 8), *[t.detach() for t in tensors], states, *extra, 16))
 print("WORST", worst)
 for (dtype, name), err in worst.items():
-    # bf16: du and ddelta are rounded to bf16 like their inputs
+    # half precision: du, ddelta, dB and dC are rounded like their inputs
     limit = 1e-5 if dtype == torch.float32 or name in ("y", "A", "D", "delta_bias") else 1e-2
     assert err < limit, (dtype, name, err)
 """
