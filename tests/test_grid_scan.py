@@ -110,10 +110,16 @@ worst = {}
 # (batch, H, W, channels a group, dtype, launch settings): one chunk and one tile; several
 # chunks (L = 35 in chunks of 16, the forward's chunks twice as long as the backward's, whose
 # entering states it stores) and several channel tiles (5 channels in tiles of 4, whose
-# dB/dC add atomically); bf16 and fp16 inputs
+# dB/dC add atomically), the backward's chunks walked by one program or one program each;
+# bf16 and fp16 inputs
 cases = [(2, 5, 7, 3, torch.float32, dict(fwd_block_t=64, bwd_block_t=64, fwd_block_c=4, bwd_block_c=4)),
          (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4)),
-         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8)),
+         (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4,
+                                          bwd_chunk_parallel=True)),
+         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
+                                           bwd_chunk_parallel=False)),
+         (1, 9, 9, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
+                                           bwd_chunk_parallel=True)),
          (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4))]
 for batch, height, width, per_group, dtype, config in cases:
     triton_grid_scan.CONFIG.update(config)
@@ -165,10 +171,13 @@ def _all_grads(fn, args, dy):
 
 
 @needs_cuda
+@pytest.mark.parametrize("chunk_parallel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, size, per_group", [(4, 56, 16), (3, 28, 32), (2, 14, 87), (2, 7, 112), (1, 9, 5)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled):
+def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled, chunk_parallel, monkeypatch):
+    from kernels.grid_scan import triton_grid_scan
+    monkeypatch.setitem(triton_grid_scan.CONFIG, "bwd_chunk_parallel", chunk_parallel)
     args = _inputs(batch, size, size, per_group, dtype=dtype, device="cuda")
     args.update(A=args["A"].float(), D=args["D"].float().cuda(), delta_bias=args["delta_bias"].float().cuda())
     dy = torch.randn(batch, size * size, 4 * per_group, device="cuda")

@@ -51,9 +51,14 @@ for save in (True, False):
     compile_ptx(triton_grid_scan._grid_fwd_kernel, dict(BLOCK_T=grid["fwd_block_t"], BLOCK_C=grid["fwd_block_c"],
                                                        SAVE_STATES=save), grid["fwd_warps"])
 for atomic in (True, False):
-    compile_ptx(triton_grid_scan._grid_bwd_kernel, dict(BLOCK_T=grid["bwd_block_t"], BLOCK_C=grid["bwd_block_c"],
-                                                       ATOMIC_BC=atomic), grid["bwd_warps"],
-                float32_ptrs=("dB_ptr", "dC_ptr") if atomic else ())
+    for chunk_parallel in (False, True):
+        compile_ptx(triton_grid_scan._grid_bwd_kernel,
+                    dict(BLOCK_T=grid["bwd_block_t"], BLOCK_C=grid["bwd_block_c"], ATOMIC_BC=atomic,
+                         CHUNK_PARALLEL=chunk_parallel), grid["bwd_warps"],
+                    float32_ptrs=("dB_ptr", "dC_ptr") if atomic else ())
+compile_ptx(triton_grid_scan._grid_bwd_summary_kernel, dict(BLOCK_T=grid["bwd_block_t"],
+                                                           BLOCK_C=grid["bwd_block_c"]), grid["bwd_warps"])
+compile_ptx(triton_grid_scan._grid_bwd_carry_kernel, dict(BLOCK=128), 4)
 
 flags = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True)
 for length in (3136, 196):

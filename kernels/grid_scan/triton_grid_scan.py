@@ -29,6 +29,11 @@ tile transposed (steps along axis 0):
   all of them, added with relaxed atomics otherwise. ``dA``, ``dD`` and
   ``ddelta_bias`` are summed over the steps in registers and written per batch
   element; the host adds those partial sums (deterministic).
+- backward, chunk-parallel (``CONFIG["bwd_chunk_parallel"]``): one program per
+  chunk instead of one walking all of them. A first kernel scans each chunk's
+  adjoint on its own (``g = P g_in + G`` at its first step), a second combines
+  those summaries last to first into the adjoint entering each chunk, and the
+  main kernel then runs each chunk from its stored state and that adjoint.
 """
 import os
 
@@ -54,8 +59,11 @@ __all__ = ["CONFIG", "backward_chunk", "grid_scan_fwd", "grid_scan_bwd"]
 # a power of two; block_t at most L rounded up. The backward keeps ~15 float32
 # tiles live. The best of the second sweep on an H200 (ninth session), weighted
 # over groupmamba_tiny's four stage shapes: small tiles, i.e. more programs, win.
+# bwd_chunk_parallel runs one backward program per chunk instead of one per sequence
+# (more programs still, for stages 1 and 2, whose sequences are long); written
+# after the last device run of the ninth session, so not timed yet and off.
 CONFIG = {"fwd_block_t": 32, "fwd_block_c": 16, "fwd_warps": 4,
-          "bwd_block_t": 64, "bwd_block_c": 8, "bwd_warps": 4}
+          "bwd_block_t": 64, "bwd_block_c": 8, "bwd_warps": 4, "bwd_chunk_parallel": False}
 
 
 @triton.jit
@@ -103,6 +111,17 @@ def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, t, L, H, W, code, ch
 
 
 @triton.jit
+def _decay_next(delta_ptr, bias, a, b, t, L, H, W, code, ch, c_ok, sd_b, sd_l):
+    """``exp(dt_{t+1} A)``, the decay that carries the adjoint ``g_{t+1}`` back to step ``t``
+    (zero past the last step)."""
+    m_next = (t + 1 < L)[:, None] & c_ok[None, :]
+    pos_next = _grid_positions(t + 1, L, H, W, code)
+    x_next = tl.load(delta_ptr + b * sd_b + pos_next[:, None] * sd_l + ch[None, :], mask=m_next,
+                     other=0.0).to(tl.float32)
+    return tl.where(m_next, tl.exp(_softplus(x_next + bias[None, :]) * a[None, :]), 0.0)
+
+
+@triton.jit
 def _grid_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, state_ptr,
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      L, H, W, K, G, codes, n_tiles, state_t, n_state_chunks,
@@ -136,20 +155,33 @@ def _grid_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_p
 
 @triton.jit
 def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
-                     du_ptr, ddelta_ptr, dB_ptr, dC_ptr, part_ptr, state_ptr,
+                     du_ptr, ddelta_ptr, dB_ptr, dC_ptr, part_ptr, state_ptr, carry_ptr,
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      batch, L, H, W, K, G, codes, n_tiles, n_chunks,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC_BC: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC_BC: tl.constexpr,
+                     CHUNK_PARALLEL: tl.constexpr):
     b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
     dim = G * K
     steps = tl.arange(0, BLOCK_T)
 
-    # chunks last to first, from the state entering each that the forward stored
-    g_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # chunks last to first, from the state entering each that the forward stored: all of
+    # them, or (CHUNK_PARALLEL) only chunk program_id(1), with the adjoint entering it from
+    # the right that _grid_bwd_carry_kernel combined
+    if CHUNK_PARALLEL:
+        chunk = tl.program_id(1)
+        first = n_chunks - 1 - chunk
+        last = first + 1
+        part_row = b * n_chunks + chunk
+        g_carry = tl.load(carry_ptr + part_row * dim + ch, mask=c_ok, other=0.0)
+    else:
+        first = 0
+        last = n_chunks
+        part_row = b
+        g_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     dA_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for kk in range(0, n_chunks):
+    for kk in range(first, last):
         k = n_chunks - 1 - kk
         t = k * BLOCK_T + steps
         t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
@@ -157,13 +189,7 @@ def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_
             su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l, group)
         out_off = (b * L + pos[:, None]) * dim + ch[None, :]
         dy = tl.load(dy_ptr + out_off, mask=m, other=0.0)
-        # delta one step ahead, for the decay that carries g_{t+1} back to t
-        next_ok = t + 1 < L
-        m_next = next_ok[:, None] & c_ok[None, :]
-        pos_next = _grid_positions(t + 1, L, H, W, code)
-        x_next = tl.load(delta_ptr + b * sd_b + pos_next[:, None] * sd_l + ch[None, :], mask=m_next,
-                         other=0.0).to(tl.float32)
-        decay_next = tl.where(m_next, tl.exp(_softplus(x_next + bias[None, :]) * a[None, :]), 0.0)
+        decay_next = _decay_next(delta_ptr, bias, a, b, t, L, H, W, code, ch, c_ok, sd_b, sd_l)
 
         h0 = tl.load(state_ptr + (b * n_chunks + k) * dim + ch, mask=c_ok & (k > 0), other=0.0)
         drive = dt * Bv[:, None] * u
@@ -195,11 +221,54 @@ def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_
             tl.store(dB_ptr + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=t_ok)
             tl.store(dC_ptr + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=t_ok)
 
-    # per batch element partial sums; the host adds them over the batch
-    part = b * dim + ch
+    # partial sums per batch element (and chunk); the host adds them up
+    rows = batch * n_chunks if CHUNK_PARALLEL else batch
+    part = part_row * dim + ch
     tl.store(part_ptr + part, dA_acc, mask=c_ok)
-    tl.store(part_ptr + batch * dim + part, dD_acc, mask=c_ok)
-    tl.store(part_ptr + 2 * batch * dim + part, dbias_acc, mask=c_ok)
+    tl.store(part_ptr + rows * dim + part, dD_acc, mask=c_ok)
+    tl.store(part_ptr + 2 * rows * dim + part, dbias_acc, mask=c_ok)
+
+
+@triton.jit
+def _grid_bwd_summary_kernel(delta_ptr, A_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, summary_ptr,
+                             sd_b, sd_l, sC_b, sC_l, batch, L, H, W, K, G, codes, n_tiles, n_chunks,
+                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chunk ``program_id(1)`` of the adjoint scan on its own (zero entering from the right):
+    the product of its decays and its adjoint at its first step, ``g = P g_in + G``."""
+    b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
+    dim = G * K
+    chunk = tl.program_id(1)
+    steps = tl.arange(0, BLOCK_T)
+    t = chunk * BLOCK_T + steps
+    t_ok = t < L
+    pos = _grid_positions(t, L, H, W, code)
+    m = t_ok[:, None] & c_ok[None, :]
+    Cv = tl.load(C_ptr + b * sC_b + pos * sC_l + group, mask=t_ok, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + (b * L + pos[:, None]) * dim + ch[None, :], mask=m, other=0.0)
+    decay_next = _decay_next(delta_ptr, bias, a, b, t, L, H, W, code, ch, c_ok, sd_b, sd_l)
+    rev_a, rev_b = tl.associative_scan((decay_next, Cv[:, None] * dy), axis=0, combine_fn=_lin_combine,
+                                       reverse=True)
+    at = (b * n_chunks + chunk) * dim + ch
+    tl.store(summary_ptr + at, tl.sum(tl.where(steps[:, None] == 0, rev_a, 0.0), axis=0), mask=c_ok)
+    tl.store(summary_ptr + batch * n_chunks * dim + at, tl.sum(tl.where(steps[:, None] == 0, rev_b, 0.0), axis=0),
+             mask=c_ok)
+
+
+@triton.jit
+def _grid_bwd_carry_kernel(summary_ptr, batch, dim, n_chunks, BLOCK: tl.constexpr):
+    """For each (image, channel), the adjoint entering every chunk from the right, combined
+    from the chunk summaries last to first; written over the decay products."""
+    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = lane < batch * dim
+    b = (lane // dim).to(tl.int64)
+    ch = lane % dim
+    carry = tl.zeros([BLOCK], dtype=tl.float32)
+    for kk in range(0, n_chunks):
+        at = (b * n_chunks + n_chunks - 1 - kk) * dim + ch
+        product = tl.load(summary_ptr + at, mask=ok, other=0.0)
+        first_g = tl.load(summary_ptr + batch * n_chunks * dim + at, mask=ok, other=0.0)
+        tl.store(summary_ptr + at, carry, mask=ok)
+        carry = first_g + product * carry
 
 
 # ----------------------------------------------------------------------------------
@@ -274,14 +343,26 @@ def grid_scan_bwd(dy, u, delta, A, B, C, D, delta_bias, states, codes: int, heig
                                                   device=dev)
     dC = (torch.zeros if atomic else torch.empty)((batch, length, groups), dtype=f32 if atomic else C.dtype,
                                                   device=dev)
-    partial_sums = torch.zeros((3, batch, dim), dtype=f32, device=dev)
+    # chunk-parallel: one program per chunk, the adjoint entering each combined first
+    # from per-chunk summaries (two small extra kernels; dy, C and delta read twice)
+    split = CONFIG["bwd_chunk_parallel"] and n_chunks > 1
+    partial_sums = torch.zeros((3, batch * (n_chunks if split else 1), dim), dtype=f32, device=dev)
     if du.numel() > 0:
-        _grid_bwd_kernel[(batch * groups * n_tiles,)](
+        n_prog = batch * groups * n_tiles
+        carry = states  # unused unless split
+        if split:
+            carry = torch.empty((2, batch, n_chunks, dim), dtype=f32, device=dev)
+            _grid_bwd_summary_kernel[(n_prog, n_chunks)](
+                delta, A, C, D, delta_bias, dy, carry, *_row_strides(delta), *_row_strides(C),
+                batch, length, height, width, per_group, groups, codes, n_tiles, n_chunks,
+                BLOCK_T=state_t, BLOCK_C=block_c, num_warps=warps)
+            _grid_bwd_carry_kernel[(triton.cdiv(batch * dim, 128),)](carry, batch, dim, n_chunks, BLOCK=128)
+        _grid_bwd_kernel[(n_prog, n_chunks if split else 1)](
             u, delta, A, B, C, D, delta_bias, dy,
-            du, ddelta, dB, dC, partial_sums, states,
+            du, ddelta, dB, dC, partial_sums, states, carry,
             *_row_strides(u), *_row_strides(delta), *_row_strides(B), *_row_strides(C),
             batch, length, height, width, per_group, groups, codes, n_tiles, n_chunks,
-            BLOCK_T=state_t, BLOCK_C=block_c, ATOMIC_BC=atomic, num_warps=warps)
+            BLOCK_T=state_t, BLOCK_C=block_c, ATOMIC_BC=atomic, CHUNK_PARALLEL=split, num_warps=warps)
     dA, dD, dbias = (part.sum(0) for part in partial_sums)  # separate tensors: op outputs may not alias
     return (du, ddelta, dA.view(A.shape).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype), dbias.to(delta_bias.dtype))
