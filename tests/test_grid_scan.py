@@ -115,12 +115,13 @@ worst = {}
 cases = [(2, 5, 7, 3, torch.float32, dict(fwd_block_t=64, bwd_block_t=64, fwd_block_c=4, bwd_block_c=4)),
          (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4)),
          (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4,
-                                          bwd_chunk_parallel=True)),
+                                          fwd_chunk_parallel=True, bwd_chunk_parallel=True)),
          (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
                                            bwd_chunk_parallel=False)),
          (1, 9, 9, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
-                                           bwd_chunk_parallel=True)),
-         (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4))]
+                                           fwd_chunk_parallel=False, bwd_chunk_parallel=True)),
+         (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4,
+                                          fwd_chunk_parallel=True, bwd_chunk_parallel=False))]
 for batch, height, width, per_group, dtype, config in cases:
     triton_grid_scan.CONFIG.update(config)
     args = _inputs(batch, height, width, per_group, dtype=dtype)
@@ -133,6 +134,15 @@ for batch, height, width, per_group, dtype, config in cases:
         err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
         key = (dtype, name)
         worst[key] = max(worst.get(key, 0.0), err)
+
+# inference (no states kept for a backward), chunk-parallel: the entering states go to a scratch buffer
+triton_grid_scan.CONFIG.update(fwd_block_t=16, fwd_chunk_parallel=True)
+args = _inputs(2, 5, 7, 3, dtype=torch.float32)
+args.update(A=args["A"].float(), D=args["D"].float(), delta_bias=args["delta_bias"].float())
+with torch.no_grad():
+    err = (grid_scan.fused_scan(**args) - grid_scan.reference(**args, backend="torch")).abs().max().item()
+worst[(torch.float32, "y without grad")] = err
+triton_grid_scan.CONFIG.update(fwd_chunk_parallel=False, bwd_chunk_parallel=False)
 
 args = _inputs(2, 3, 4, 2, dtype=torch.float32)
 tensors = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
@@ -177,6 +187,7 @@ def _all_grads(fn, args, dy):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled, chunk_parallel, monkeypatch):
     from kernels.grid_scan import triton_grid_scan
+    monkeypatch.setitem(triton_grid_scan.CONFIG, "fwd_chunk_parallel", chunk_parallel)
     monkeypatch.setitem(triton_grid_scan.CONFIG, "bwd_chunk_parallel", chunk_parallel)
     args = _inputs(batch, size, size, per_group, dtype=dtype, device="cuda")
     args.update(A=args["A"].float(), D=args["D"].float().cuda(), delta_bias=args["delta_bias"].float().cuda())
