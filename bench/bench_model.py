@@ -177,7 +177,7 @@ def apply_launch_settings(module_name: str, settings: dict, flag: str) -> None:
 def scan_layout(backend: str, sequence_scan: bool) -> str:
     """``grid`` where GroupMamba's layers run the fused grid scan, else ``sequence``."""
     from kernels import grid_scan
-    fused = not sequence_scan and grid_scan.HAS_TRITON and grid_scan._names_triton(backend)
+    fused = not sequence_scan and grid_scan.fuses_backend(backend)
     return "grid" if fused else "sequence"
 
 

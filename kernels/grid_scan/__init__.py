@@ -33,8 +33,8 @@ import torch
 
 from kernels.selective_scan import ENV_VAR, selective_scan_fn
 
-__all__ = ["DIRECTION_CODES", "HAS_TRITON", "can_fuse", "fused_scan", "reference", "selective_scan_grid",
-           "step_positions"]
+__all__ = ["DIRECTION_CODES", "HAS_TRITON", "can_fuse", "fused_scan", "fuses_backend", "reference",
+           "selective_scan_grid", "step_positions"]
 
 # whether the fused path can run on a CUDA tensor (a module constant, so compiled
 # code reads it without a guard on anything but this module)
@@ -136,17 +136,18 @@ def _backward(ctx, dy, dstates):
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _names_triton(backend: str) -> bool:
-    """Whether a scan ``backend`` request leaves the choice to us or asks for Triton."""
+def fuses_backend(backend: str) -> bool:
+    """Whether the fused op may run for a scan ``backend`` request: Triton is installed and
+    the request leaves the choice to us (``auto``, unless ``GROUPMAMBA_SCAN_BACKEND``
+    names another backend) or asks for Triton."""
     if backend == "auto":
         backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    return backend in ("auto", "triton")
+    return HAS_TRITON and backend in ("auto", "triton")
 
 
 def can_fuse(u: torch.Tensor, A: torch.Tensor, backend: str = "auto") -> bool:
     """Whether :func:`selective_scan_grid` runs the fused op on these inputs and ``backend``."""
-    return (u.is_cuda and HAS_TRITON and A.shape[-1] == 1 and u.dtype != torch.float64
-            and _names_triton(backend))
+    return u.is_cuda and A.shape[-1] == 1 and u.dtype != torch.float64 and fuses_backend(backend)
 
 
 # ----------------------------------------------------------------------------------
