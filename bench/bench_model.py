@@ -129,6 +129,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     compiled.add_argument("--memory-budget", type=float, default=1.0,
                           help="torch._functorch.config.activation_memory_budget: below 1 the "
                                "compiler recomputes activations in the backward to save memory")
+    compiled.add_argument("--stage-norms", action="store_true",
+                          help="compile-blocks: compile the LayerNorms that end each stage "
+                               "(GroupMamba's StageEnds) as regions too (not yet the default: "
+                               "see utils.modeling.compile_blocks)")
+    compiled.add_argument("--pad-matmuls", action="store_true",
+                          help="compile-blocks: always pad matmuls with sizes that are not "
+                               "multiples of 8 (inductor's force_shape_pad) instead of letting "
+                               "inductor time each case (not yet the default, as --stage-norms)")
     compiled.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
                           help="torch._inductor.config settings to try, e.g. padding_stride_threshold=256 "
                                "(values are Python literals)")
@@ -263,11 +271,12 @@ def make_train_step(model, parameters, images, labels, graphed: bool = False):
     return capture(step, forward_backward_step, optimizer.zero_grad) if graphed else step
 
 
-def prepare(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+def prepare(model: torch.nn.Module, mode: str, stage_norms: bool = False,
+            pad_matmuls: bool = False) -> torch.nn.Module:
     if mode in UNCOMPILED_MODES:
         return model
     if mode.startswith("compile-blocks"):
-        compile_blocks(model, dynamic=False)
+        compile_blocks(model, stage_norms=stage_norms, pad_matmuls=pad_matmuls, dynamic=False)
         return model
     return torch.compile(model, dynamic=False,
                          mode="reduce-overhead" if mode == "reduce-overhead" else None)
@@ -343,6 +352,9 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
         row["grid_scan_config"] = args.grid_scan_config
     if mode not in UNCOMPILED_MODES:
         row["memory_budget"] = args.memory_budget
+        if mode.startswith("compile-blocks"):
+            row["stage_norm_regions"] = args.stage_norms
+            row["pad_matmuls"] = args.pad_matmuls
         if args.inductor_config:
             row["inductor_config"] = args.inductor_config
     if args.profile:
@@ -355,7 +367,7 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     graphed = mode.endswith("cuda-graph")
     tables = {}
     try:
-        runner = prepare(model, mode)
+        runner = prepare(model, mode, args.stage_norms, args.pad_matmuls)
         before = compile_seconds()
         figures, tables["train"] = measure_train(runner, model, args, size, train_batch, graphed)
         row.update(figures)

@@ -281,6 +281,28 @@ class Downsample(nn.Module):
         return self.norm(tokens), height, width
 
 
+class StageEnd(nn.Module):
+    """The end of a stage: its LayerNorm, then the tokens back to a channels-last map.
+
+    A module of its own so that regional compilation (``utils.modeling.compile_blocks``)
+    can compile it: a LayerNorm compiled on its own is a frame of ``torch.nn``, which
+    torch.compile does not trace, and eager autocast runs it as a float32 copy plus
+    ATen's float32 kernels. The norm stays registered as the release's ``normN`` (same
+    state-dict keys); this module only refers to it and has no state of its own.
+
+    Shapes: ``(B, H*W, C)`` -> ``(B, C, H, W)`` (a channels-last view).
+    """
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self._norm = (norm,)  # a tuple: not registered a second time
+
+    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        x = self._norm[0](x)
+        # channels-last view back to a map; the next conv keeps that layout
+        return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
+
+
 # --------------------------------------------------------------------------- model
 
 def _init_weights(module: nn.Module) -> None:
@@ -361,7 +383,10 @@ class GroupMamba(nn.Module):
             # official attribute names, so released state_dict keys match
             self.add_module(f"patch_embed{stage + 1}", patch_embed)
             self.add_module(f"block{stage + 1}", blocks)
-            self.add_module(f"norm{stage + 1}", norm_layer(embed_dims[stage]))
+            norm = norm_layer(embed_dims[stage])
+            self.add_module(f"norm{stage + 1}", norm)
+            if stage < num_stages - 1:
+                self.add_module(f"stage_end{stage + 1}", StageEnd(norm))
 
         self.post_network = nn.ModuleList([
             ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer=norm_layer, scan_backend=scan_backend)])
@@ -448,9 +473,7 @@ class GroupMamba(nn.Module):
             for block in getattr(self, f"block{stage}"):
                 x = block(x, height, width)
             if stage < self.num_stages:
-                x = getattr(self, f"norm{stage}")(x)
-                # channels-last view back to a map; the next conv keeps that layout
-                x = x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
+                x = getattr(self, f"stage_end{stage}")(x, height, width)
         cls_token = x.mean(dim=1, keepdim=True)
         for block in self.post_network:
             cls_token = block(cls_token)

@@ -429,6 +429,16 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     assert names[:2] == ["patch_embed1", "block1.0"] and names[-1] == "post_network.0"
     assert len(names) == 4 + sum(model.depths) + 1 and compiled == [{"dynamic": False}] * len(names)
     assert list(model.state_dict()) == keys
+    compiled.clear()
+    names = compile_blocks(model, stage_norms=True, pad_matmuls=True, dynamic=False)
+    assert [name for name in names if "stage_end" in name] == ["stage_end1", "stage_end2", "stage_end3"]
+    assert compiled == [{"dynamic": False, "options": {"force_shape_pad": True}}] * len(names)
+    compiled.clear()
+    # padding is an inductor option, and torch.compile takes a mode or options, not both
+    compile_blocks(model, pad_matmuls=True, dynamic=False, mode="max-autotune")
+    compile_blocks(model, pad_matmuls=True, dynamic=False, backend="aot_eager")
+    assert {str(kw) for kw in compiled} == {str({"dynamic": False, "mode": "max-autotune"}),
+                                           str({"dynamic": False, "backend": "aot_eager"})}
     import timm
     with torch.device("meta"):
         convnext = timm.create_model("convnext_atto")
@@ -437,6 +447,42 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     with torch.device("meta"):
         plain = torch.nn.Sequential(torch.nn.Linear(2, 2))
     assert compile_blocks(plain) == [""]  # neither blocks nor stages: the whole model
+
+
+def test_compiled_stage_ends_train_like_eager():
+    """compile_blocks(stage_norms=True) on a small GroupMamba, traced by dynamo (the
+    aot_eager backend runs the traced graphs unchanged): the same logits and the same
+    gradients, the stage LayerNorms' included, for the model and for a copy (an EMA)."""
+    import copy
+    from models.groupmamba import GroupMamba
+    from utils.modeling import compile_blocks
+    torch.manual_seed(0)
+    eager = GroupMamba(num_classes=5, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_hidden_dim=8)
+    for norm in (eager.norm1, eager.norm2, eager.norm3):
+        torch.nn.init.normal_(norm.weight)
+    compiled = copy.deepcopy(eager)
+    ema = copy.deepcopy(compiled)
+    for module in (compiled, ema):
+        assert "stage_end2" in compile_blocks(module, stage_norms=True, dynamic=False, backend="aot_eager")
+    x = torch.randn(2, 3, 32, 32)
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        logits, dist_logits = model(x)
+        (logits.square().mean() + dist_logits.square().mean()).backward()
+        return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    torch._dynamo.reset()
+    for copied in (compiled, ema):
+        expected_logits, expected = run(eager)
+        logits, grads = run(copied)
+        torch.testing.assert_close(logits, expected_logits)
+        assert grads["norm2.weight"] is not None
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, msg=name)
+        with torch.no_grad():  # the EMA's graphs must read its own weights, not the first copy's
+            eager.norm2.weight.mul_(2)
+            ema.norm2.weight.mul_(2)
 
 
 def test_compile_seconds_grow_with_a_compile():
