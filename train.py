@@ -238,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "of keeping them (same numerics). On an H200, groupmamba_tiny at batch "
                         "128 with --fused-dwconv and 0.9 peaked at 8.5 instead of 11.2 GiB "
                         "for 0.5 %% more GPU time")
+    g.add_argument("--pad-matmuls", action="store_true",
+                   help="with --compile, EXPERIMENTAL: pad every matmul to sizes that are "
+                        "multiples of 8 (GroupMamba-T's 348-channel stage 3 then gets fast GEMM "
+                        "kernels: +4.6 %% training speed on an H200); the one training run with "
+                        "it and --compile-stage-norms did not converge (bench/RESULTS.md, tenth "
+                        "session), so it is off until that is explained")
+    g.add_argument("--compile-stage-norms", action="store_true",
+                   help="with --compile, EXPERIMENTAL: compile the LayerNorms between "
+                        "GroupMamba's stages too (else eager float32); see --pad-matmuls")
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
                    help="capture the training step (forward to optimizer step) and the "
                         "validation forwards in CUDA graphs and replay them: one launch "
@@ -380,6 +389,8 @@ def check_args(parser: argparse.ArgumentParser, a: argparse.Namespace) -> None:
          f"--fused-dwconv applies to GroupMamba models only, not --model {a.model}")
     need(0.0 < a.memory_budget <= 1.0, f"--memory-budget must be in (0, 1], got {a.memory_budget}")
     need(a.memory_budget == 1.0 or a.compile, "--memory-budget applies to compiled code: add --compile")
+    need(a.compile or not (a.pad_matmuls or a.compile_stage_norms),
+         "--pad-matmuls and --compile-stage-norms apply to compiled code: add --compile")
     for name in ("hflip", "vflip", "transpose", "cutout", "mixup_prob", "mixup_switch_prob"):
         need(0 <= getattr(a, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1]")
     need(a.mixup >= 0 and a.cutmix >= 0, "--mixup and --cutmix must be >= 0")
@@ -776,7 +787,8 @@ def run(args, resume_ckpt, env: DistEnv) -> None:
         # static shapes: training batches all have one size (the last one is dropped)
         # and validation pads its last batch (validate's static_batch)
         for module in [t["model"]] + ([t["ema"].module] if t["ema"] is not None else []):
-            regions = compile_blocks(module, dynamic=False)
+            regions = compile_blocks(module, stage_norms=args.compile_stage_norms,
+                                     pad_matmuls=args.pad_matmuls, dynamic=False)
         log.info("compiling %d regions of the model%s in the first steps", len(regions),
                  " and of its EMA" if t["ema"] is not None else "")
     model = wrap_model(t["model"], env)
