@@ -131,12 +131,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                "compiler recomputes activations in the backward to save memory")
     compiled.add_argument("--stage-norms", action="store_true",
                           help="compile-blocks: compile the LayerNorms that end each stage "
-                               "(GroupMamba's StageEnds) as regions too (not yet the default: "
+                               "(GroupMamba's StageEnds) as regions too (experimental, "
                                "see utils.modeling.compile_blocks)")
-    compiled.add_argument("--pad-matmuls", action="store_true",
+    compiled.add_argument("--pad-matmuls", action=argparse.BooleanOptionalAction, default=True,
                           help="compile-blocks: always pad matmuls with sizes that are not "
                                "multiples of 8 (inductor's force_shape_pad) instead of letting "
-                               "inductor time each case (not yet the default, as --stage-norms)")
+                               "inductor time each case (train.py's default too)")
     compiled.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
                           help="torch._inductor.config settings to try, e.g. padding_stride_threshold=256 "
                                "(values are Python literals)")
@@ -272,7 +272,7 @@ def make_train_step(model, parameters, images, labels, graphed: bool = False):
 
 
 def prepare(model: torch.nn.Module, mode: str, stage_norms: bool = False,
-            pad_matmuls: bool = False) -> torch.nn.Module:
+            pad_matmuls: bool = True) -> torch.nn.Module:
     if mode in UNCOMPILED_MODES:
         return model
     if mode.startswith("compile-blocks"):

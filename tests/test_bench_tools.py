@@ -109,7 +109,7 @@ def test_bench_model_writes_every_kernel_and_skips_inference_when_asked(tmp_path
     monkeypatch.setattr(bench.torch.nn.Module, "cuda", lambda self: self)
     monkeypatch.setattr(bench, "available_backends", lambda: {"cuda": None})
     monkeypatch.setattr(bench, "resolve_backend", lambda backend, device: backend)
-    monkeypatch.setattr(bench, "prepare", lambda model, mode, stage_norms=False, pad_matmuls=False: model)
+    monkeypatch.setattr(bench, "prepare", lambda model, mode, stage_norms=False, pad_matmuls=True: model)
     figures = {"train_img_s": 100.0, "peak_train_mem_gib": 1.0, "launches_per_train_step": 10}
     monkeypatch.setattr(bench, "measure_train", lambda *a: (dict(figures), table))
     monkeypatch.setattr(bench, "measure_infer", lambda *a: ({"infer_img_s": 400.0}, table[:1]))

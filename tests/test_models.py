@@ -425,14 +425,17 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     with torch.device("meta"):
         model = models.create_model("groupmamba_tiny", num_classes=3)
     keys = list(model.state_dict())
-    names = compile_blocks(model, dynamic=False)
+    names = compile_blocks(model, pad_matmuls=False, dynamic=False)
     assert names[:2] == ["patch_embed1", "block1.0"] and names[-1] == "post_network.0"
     assert len(names) == 4 + sum(model.depths) + 1 and compiled == [{"dynamic": False}] * len(names)
     assert list(model.state_dict()) == keys
     compiled.clear()
-    names = compile_blocks(model, stage_norms=True, pad_matmuls=True, dynamic=False)
+    names = compile_blocks(model, stage_norms=True, dynamic=False)  # padding is the default
     assert [name for name in names if "stage_end" in name] == ["stage_end1", "stage_end2", "stage_end3"]
     assert compiled == [{"dynamic": False, "options": {"force_shape_pad": True}}] * len(names)
+    compiled.clear()
+    compile_blocks(model, dynamic=False, mode="max-autotune")  # the default gives way to a mode
+    assert {str(kw) for kw in compiled} == {str({"dynamic": False, "mode": "max-autotune"})}
     compiled.clear()
     # padding is an inductor option (nothing to pad for other backends), and
     # torch.compile takes a mode or options, not both

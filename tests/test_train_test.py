@@ -580,7 +580,8 @@ def test_compile_flag_compiles_regions_of_model_and_ema(train_script, tmp_path, 
     train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "1",
                                         "--compile", *TINY)])
     # test_vit has 6 blocks; model and EMA each get theirs compiled, static shapes
-    assert len(compiled) == 12 and all(kw == {"dynamic": False} for _, kw in compiled)  # options off
+    padded = {"dynamic": False, "options": {"force_shape_pad": True}}  # the default
+    assert len(compiled) == 12 and all(kw == padded for _, kw in compiled)
     assert len({id(module) for module, _ in compiled}) == 12
     assert static_batches == [8, 8]  # raw and EMA validation, padded to --batch-size
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
@@ -622,13 +623,16 @@ def test_fused_dwconv_needs_a_groupmamba_model(train_script, capsys):
 def test_memory_budget_needs_compile_and_a_fraction(train_script, capsys):
     assert train_script.parse_args(["--compile", "--memory-budget", "0.9"])[0].memory_budget == 0.9
     assert train_script.parse_args(["--preset", "fast", "--memory-budget", "0.8"])[0].memory_budget == 0.8
-    experimental = train_script.parse_args(["--preset", "fast", "--pad-matmuls", "--compile-stage-norms"])[0]
-    assert experimental.pad_matmuls and experimental.compile_stage_norms
+    fast = train_script.parse_args(["--preset", "fast"])[0]
+    assert fast.pad_matmuls and not fast.compile_stage_norms  # padding is the default
+    experimental = train_script.parse_args(["--preset", "fast", "--no-pad-matmuls", "--no-cuda-graph",
+                                            "--compile-stage-norms"])[0]
+    assert not experimental.pad_matmuls and experimental.compile_stage_norms
     for argv, message in ((["--memory-budget", "0.9"], "add --compile"),
                           (["--compile", "--memory-budget", "0"], "must be in (0, 1]"),
                           (["--compile", "--memory-budget", "1.5"], "must be in (0, 1]"),
-                          (["--pad-matmuls"], "add --compile"),
-                          (["--compile-stage-norms"], "add --compile")):
+                          (["--compile-stage-norms"], "add --compile"),
+                          (["--preset", "fast", "--compile-stage-norms"], "add --no-cuda-graph")):
         with pytest.raises(SystemExit):
             train_script.parse_args(argv)
         assert message in capsys.readouterr().err

@@ -103,8 +103,8 @@ def load_for_inference(model: torch.nn.Module, state_dict: Mapping[str, Any],
                               + " ".join(lines[:4])[:800]) from exc
 
 
-def compile_blocks(model: torch.nn.Module, stage_norms: bool = False, pad_matmuls: bool = False,
-                   **compile_kwargs) -> list[str]:
+def compile_blocks(model: torch.nn.Module, stage_norms: bool = False,
+                   pad_matmuls: bool | None = None, **compile_kwargs) -> list[str]:
     """Regional compilation: ``torch.compile`` each repeated block in place.
 
     Compiling the whole model traces every block separately; compiling the block
@@ -116,21 +116,25 @@ def compile_blocks(model: torch.nn.Module, stage_norms: bool = False, pad_matmul
     place: state-dict keys do not change (no ``_orig_mod.`` prefix), and a copy made
     later (an EMA) is compiled too. Returns the names of the compiled modules.
 
-    Two options, off until a GPU run shows that training with them converges
-    (bench/RESULTS.md, tenth session: the one time-to-accuracy run with both reached
-    only 70.7 % val ACC1, against 94.4 % without; which one, if either, was at fault
-    is not known yet; ``tests/test_models_gpu.py`` checks each on its own):
+    Two options:
 
-    - ``stage_norms``: GroupMamba's StageEnds (the LayerNorm that ends a stage) as
-      regions too; eager autocast runs those norms as a float32 copy plus ATen's
-      float32 kernels (~1.4 ms of a 73 ms training step on an H200).
-    - ``pad_matmuls`` (inductor only): pad every matmul whose sizes are not multiples
-      of 8 (bf16) instead of letting inductor time each case while compiling.
-      GroupMamba-T's stage 3 is 348 channels wide: unpadded, cuBLAS has only slow sm80
-      ``align2`` kernels for those GEMMs, and inductor's timing left some of them
-      unpadded, differently from run to run. On an H200: 73.2 -> 69.8 ms a training
-      step, 44.5 -> 41.3 ms an inference step.
+    - ``pad_matmuls`` (inductor only; None, the default: pad unless a ``mode`` is given,
+      as torch.compile takes a mode or options, not both): pad every matmul whose
+      sizes are not multiples of 8 (bf16) instead of letting inductor time each case
+      while compiling. GroupMamba-T's stage 3 is 348 channels wide: unpadded, cuBLAS has
+      only slow sm80 ``align2`` kernels for those GEMMs, and inductor's timing left some
+      of them unpadded, differently from run to run. On an H200: 73.2 -> 69.8 ms a
+      training step, 44.5 -> 41.3 ms an inference step; a cold time-to-accuracy run
+      with it trained as before (94.6 % val ACC1 within 300 s; bench/RESULTS.md,
+      eleventh session).
+    - ``stage_norms`` (off, experimental): GroupMamba's StageEnds (the LayerNorm that
+      ends a stage) as regions too; eager autocast runs those norms as a float32 copy
+      plus ATen's float32 kernels (~1.4 ms of a 73 ms training step on an H200). The one
+      GPU training run with it (tenth session, together with padding) reached only
+      70.7 % val ACC1, and padding alone trains, so it stays off until that is explained.
     """
+    if pad_matmuls is None:
+        pad_matmuls = "mode" not in compile_kwargs
     if pad_matmuls and compile_kwargs.get("backend", "inductor") == "inductor":
         if "mode" in compile_kwargs:
             raise ValueError("pad_matmuls is an inductor option, and torch.compile takes a mode "
