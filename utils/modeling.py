@@ -129,9 +129,11 @@ def compile_blocks(model: torch.nn.Module, stage_norms: bool = False,
       eleventh session).
     - ``stage_norms`` (off, experimental): GroupMamba's StageEnds (the LayerNorm that
       ends a stage) as regions too; eager autocast runs those norms as a float32 copy
-      plus ATen's float32 kernels (~1.4 ms of a 73 ms training step on an H200). The one
-      GPU training run with it (tenth session, together with padding) reached only
-      70.7 % val ACC1, and padding alone trains, so it stays off until that is explained.
+      plus ATen's float32 kernels (~1.4 ms of a 73 ms training step on an H200). One
+      compiled step matches eager code on an H200 (tests/test_models_gpu.py), but both
+      training runs with it and train.py's CUDA-graph-captured step diverged (gradient
+      norms ~1e6, 70.7 % and 46.0 % val ACC1; bench/RESULTS.md, eleventh session), so it
+      stays off until that is explained.
     """
     if pad_matmuls is None:
         pad_matmuls = "mode" not in compile_kwargs
