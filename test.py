@@ -40,15 +40,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from kernels.grid_scan import SCAN_BACKENDS
+from kernels.selective_scan import BackendUnavailableError
+from models import ModelConfigError, create_model, load_pretrained
 from utils.amp import AMP_MODES, Precision
 from utils.checkpoint import (INFERENCE_KEYS, CheckpointError, check_checkpoint,
                               choose_weights, load_checkpoint)
+from utils.config import SCAN_BACKEND_ENV, choose_scan_backend
 from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
 from utils.distributed import resolve_device
 from utils.engine import predict_batches
-from utils.metrics import classification_report_files, write_csv
-from utils.modeling import SCAN_BACKENDS, create_model, load_for_inference, set_scan_backend
-from utils.plots import plot_confusion_matrix
+from utils.report import write_classification_report, write_csv
 from utils.transforms import eval_transform
 
 log = logging.getLogger("test")
@@ -78,17 +80,64 @@ def build_parser() -> argparse.ArgumentParser:
                    help="image-decoding processes")
     g.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="auto: bf16 on a GPU that supports it, else off")
-    g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default="auto",
-                   help="GroupMamba selective-scan implementation (auto and triton on CUDA: "
-                        "the fused channels-last grid scan)")
+    g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default=None,
+                   help="the selective scan, as in train.py (unset: "
+                        f"${SCAN_BACKEND_ENV}, else auto)")
     return p
 
 
 def side_files(csv_path: Path) -> dict[str, Path]:
     stem = csv_path.name[:-4] if csv_path.name.lower().endswith(".csv") else csv_path.name
-    return {"report_txt": csv_path.with_name(stem + "_report.txt"),
-            "report_json": csv_path.with_name(stem + "_report.json"),
-            "confusion": csv_path.with_name(stem + "_confusion_matrix.png")}
+    return {"txt": csv_path.with_name(stem + "_report.txt"),
+            "json": csv_path.with_name(stem + "_report.json"),
+            "png": csv_path.with_name(stem + "_confusion_matrix.png")}
+
+
+def load_model(args, ckpt: dict, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The checkpoint's model with the chosen weights, in eval mode on ``device``."""
+    state, which = choose_weights(ckpt, args.weights, args.checkpoint)
+    model = create_model(ckpt["model_name"], scan_backend=choose_scan_backend(args.scan_backend),
+                         **ckpt["model_kwargs"])
+    try:
+        load_pretrained(model, state, reset_head=False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"the weights in {args.checkpoint} do not match the model they describe "
+                              f"({ckpt['model_name']}): {exc}") from exc
+    return model.to(device).eval(), which
+
+
+def prediction_rows(model, loader, dataset, precision, device, names, labels, k: int):
+    """``(CSV rows, true classes, predicted classes, top-k hits, unreadable files)``."""
+    rows, y_true, y_pred, top_k_hits, bad = [], [], [], 0, []
+    for probs, (indices, errors) in predict_batches(model, loader, precision, device):
+        top_p, top_i = probs.topk(k, dim=1)
+        for j, (i, err) in enumerate(zip(indices.tolist(), errors)):
+            row = {"file": dataset.files[i], "error": err}
+            if labels is not None:
+                row["label"] = names[labels[i]]
+            rows.append(row)
+            if err:
+                bad.append((dataset.files[i], err))
+                continue
+            pred = int(top_i[j, 0])
+            row.update(predicted=names[pred], confidence=f"{float(top_p[j, 0]):.6f}")
+            for r in range(k):
+                row[f"class_{r + 1}"] = names[int(top_i[j, r])]
+                row[f"prob_{r + 1}"] = f"{float(top_p[j, r]):.6f}"
+            if labels is not None:
+                row["correct"] = int(pred == labels[i])
+                y_true.append(labels[i])
+                y_pred.append(pred)
+                top_k_hits += int(labels[i] in top_i[j].tolist())
+    return rows, y_true, y_pred, top_k_hits, bad
+
+
+def report_unreadable(bad: list, out: Path) -> None:
+    log.warning("%d image(s) could not be read (rows with an 'error' in %s):", len(bad), out)
+    for path, err in bad[:20]:
+        log.warning("  %s", err or path)
+    if len(bad) > 20:
+        log.warning("  ... and %d more", len(bad) - 20)
 
 
 def run(args) -> int:
@@ -96,7 +145,6 @@ def run(args) -> int:
         raise ValueError("--batch-size and --topk must be >= 1, --workers >= 0")
     ckpt = load_checkpoint(args.checkpoint, INFERENCE_KEYS, "prediction")
     check_checkpoint(ckpt, args.checkpoint)
-    state, which = choose_weights(ckpt, args.weights, args.checkpoint)
     names, img_size = ckpt["class_names"], int(ckpt["img_size"])
 
     out = Path(args.output)
@@ -110,67 +158,34 @@ def run(args) -> int:
 
     files, folder = collect_images(args.images)
     labels = labels_from_folder(files, folder, names)
-
-    set_scan_backend(args.scan_backend)
     device = resolve_device(args.device)
-    model = create_model(ckpt["model_name"], ckpt["model_kwargs"], args.scan_backend)
-    load_for_inference(model, state, args.checkpoint)
-    model.to(device).eval()
+    model, which = load_model(args, ckpt, device)
     precision = Precision(args.amp, device)
     log.info("%s: %s (%s weights, %d classes, %d px) on %s; %d image(s)%s",
              args.checkpoint, ckpt["model_name"], which, len(names), img_size, device,
              len(files), f", labelled by folder ({folder})" if labels else "")
 
-    dataset = PredictDataset(files, eval_transform(img_size, ckpt["mean"], ckpt["std"]),
-                             img_size)
+    dataset = PredictDataset(files, eval_transform(img_size, ckpt["mean"], ckpt["std"]), img_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     k = min(args.topk, len(names))
-    rows, y_true, y_pred, top_k_hits, bad = [], [], [], 0, []
-    for probs, (indices, errors) in predict_batches(model, loader, precision, device):
-        top_p, top_i = probs.topk(k, dim=1)
-        for j, (i, err) in enumerate(zip(indices.tolist(), errors)):
-            row = {"file": dataset.files[i], "error": err}
-            if labels is not None:
-                row["label"] = names[labels[i]]
-            if err:
-                bad.append((dataset.files[i], err))
-                rows.append(row)
-                continue
-            pred = int(top_i[j, 0])
-            row.update(predicted=names[pred], confidence=f"{float(top_p[j, 0]):.6f}")
-            for r in range(k):
-                row[f"class_{r + 1}"] = names[int(top_i[j, r])]
-                row[f"prob_{r + 1}"] = f"{float(top_p[j, r]):.6f}"
-            if labels is not None:
-                row["correct"] = int(pred == labels[i])
-                y_true.append(labels[i])
-                y_pred.append(pred)
-                top_k_hits += int(labels[i] in top_i[j].tolist())
-            rows.append(row)
-
+    rows, y_true, y_pred, top_k_hits, bad = prediction_rows(model, loader, dataset, precision, device, names,
+                                                            labels, k)
     fields = ["file"] + (["label", "correct"] if labels is not None else []) + \
         ["predicted", "confidence"] + \
         [f for r in range(1, k + 1) for f in (f"class_{r}", f"prob_{r}")] + ["error"]
     write_csv(out, fields, rows)
     log.info("wrote %d predictions to %s", len(rows) - len(bad), out)
     if bad:
-        log.warning("%d image(s) could not be read (rows with an 'error' in %s):", len(bad), out)
-        for path, err in bad[:20]:
-            log.warning("  %s", err or path)
-        if len(bad) > 20:
-            log.warning("  ... and %d more", len(bad) - 20)
+        report_unreadable(bad, out)
     if labels is not None and y_true:
         acc1 = 100.0 * sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
         acck = 100.0 * top_k_hits / len(y_true)
         header = (f"{args.checkpoint} ({ckpt['model_name']}, {which} weights) on "
                   f"{len(y_true)} images of {folder}: ACC1 {acc1:.2f} %, ACC{k} {acck:.2f} %")
-        summary = classification_report_files(y_true, y_pred, names, extra["report_txt"],
-                                              extra["report_json"], header)
-        plot_confusion_matrix(summary["confusion_matrix"], names, extra["confusion"],
-                              title=f"{folder}: ACC1 {acc1:.2f} %")
+        write_classification_report(y_true, y_pred, names, extra, header, str(folder))
         log.info("ACC1 %.2f %%  ACC%d %.2f %%  (%d images); report: %s, %s", acc1, k, acck,
-                 len(y_true), extra["report_txt"], extra["confusion"])
+                 len(y_true), extra["txt"], extra["png"])
     elif folder is not None and labels is None:
         log.info("(no accuracy: %s is not laid out as <folder>/<class name>/... with the "
                  "checkpoint's class names)", folder)
@@ -187,7 +202,7 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = run(args)
-    except (CheckpointError, DatasetError, ValueError) as exc:
+    except (CheckpointError, DatasetError, ModelConfigError, BackendUnavailableError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
     except SystemExit as exc:  # e.g. --device cuda without a GPU

@@ -13,15 +13,13 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402  (registers the GroupMamba variants with timm)
+import models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +31,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
-    parser.add_argument("--per-group-scans", action="store_true",
-                        help="run each layer's four SS2Ds one by one (as released) instead of batched")
     parser.add_argument("--json", type=Path, default=None, help="write the result here as JSON")
     return parser.parse_args(argv)
 
@@ -57,9 +53,6 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = models.create_model(args.model, num_classes=1000, scan_backend="torch").eval()
-    for layer in model.modules():
-        if isinstance(layer, models.GroupMambaLayer):
-            layer.batch_groups = not args.per_group_scans
     batch = torch.randn(args.batch_size, 3, args.img_size, args.img_size)
     seconds = time_forward(model, batch, args.warmup, args.repeats)
     median = statistics.median(seconds)
@@ -68,7 +61,6 @@ def main(argv=None) -> dict:
         "img_size": args.img_size,
         "batch_size": args.batch_size,
         "scan_backend": "torch",
-        "group_scans": "per-group" if args.per_group_scans else "batched",
         "median_s_per_batch": round(median, 4),
         "img_per_s": round(args.batch_size / median, 2),
         "repeats": args.repeats,

@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.images import atomic_write_json  # noqa: E402
+from utils.images import atomic_write_json
 
 SHAPES = {"stage1": (128, 56, 56, 512), "stage2": (128, 28, 28, 1024), "stage3": (128, 14, 14, 1392)}
 ROW_SWEEP = {"row_block_w": (8, 16), "row_block_c": (32, 64), "row_warps": (2, 4),

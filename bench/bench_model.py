@@ -1,59 +1,32 @@
 """GPU throughput of GroupMamba variants: training step, inference, memory, launches.
 
-    python bench/bench_model.py                                   # tiny, every GPU backend
-    python bench/bench_model.py --models groupmamba_tiny groupmamba_small groupmamba_base \
-        --backends cuda --modes eager compile --json bench/results/h200.json
+    python bench/bench_model.py                                   # groupmamba_tiny, eager
+    python bench/bench_model.py --compile --cuda-graph --json bench/results/h100.json
+    python bench/bench_model.py --models groupmamba_small groupmamba_base --compile --cuda-graph
 
-For each model, scan backend and execution mode it measures, on one GPU, with
-synthetic data:
+The speed options are train.py's (``--scan-backend``, ``--compile``, ``--cuda-graph``,
+``--low-memory``, decided by ``utils.accel.plan_speed``), so a row measures what a
+training run with the same flags runs. For each model, on one GPU, with synthetic data:
 
 - training images/s: forward + backward + AdamW step under bf16 autocast
   (``--train-batch``, default 128, at ``--img-size``, default 224);
 - inference images/s: eval forward under bf16 autocast (``--infer-batch``, 256);
 - peak memory of the training step (``torch.cuda.max_memory_allocated``);
-- CUDA kernel launches per training step (counted with ``torch.profiler``).
+- CUDA kernel launches and summed kernel GPU time per step (``torch.profiler``).
 
 Times are medians over ``--repeats`` windows of ``--steps`` steps each, after warm-up,
 with CUDA events around each window. ``--extra-train SIZE:BATCH`` adds training rows
-for the first model at other sizes (default 160 px at batch 256).
+for the first model at other sizes (default 160 px at batch 256). With ``--cuda-graph``
+the training step (AdamW with ``capturable=True``) and the inference forward are each
+captured in one CUDA graph; compiled rows record torch's compile timers by phase
+(``compile_s_train``, ``compile_s_infer``) and ``first_train_step_s`` includes the
+compiling. ``--profile N`` prints the N kernels with the most GPU time, ``--kernels-json``
+writes all of them; ``--dwconv-config``, ``--grid-scan-config`` and
+``--inductor-config`` set the Triton kernels' launch settings and inductor options
+(``bench/bench_dwconv.py`` and ``bench/bench_grid_scan.py`` print their sweeps' best).
 
-Execution modes (``--modes``):
-
-- ``eager``: the model as it is (the numerics the reference tests check);
-- ``compile``: ``torch.compile(model, dynamic=False)`` (inductor fuses the elementwise
-  ops, LayerNorms and layout copies around the scan custom op; same math, rounding
-  differs at the last bits as with any fusion). ``first_train_step_s`` is the first step's
-  time, which includes compiling;
-- ``reduce-overhead``: the same plus CUDA graphs (``mode="reduce-overhead"``);
-- ``cuda-graph``: the eager model, with the whole training step (forward, backward,
-  AdamW with ``capturable=True``) and the inference forward each captured in one
-  CUDA graph and replayed: the same kernels, numerics and memory plan as eager, but
-  one launch per step instead of ~5,000. A row whose capture fails records the error;
-- ``compile-blocks``: regional compilation (``utils.modeling.compile_blocks``): each
-  GroupMamba block compiled in place, blocks of one shape sharing one graph, so
-  compiling costs four stage shapes instead of the whole depth;
-- ``compile-blocks+cuda-graph``: both: inductor's fused kernels, one launch per step.
-
-Compiled rows record ``--memory-budget`` (the compiler's activation memory budget:
-1 saves what its partitioner picks, lower values recompute activations in the
-backward to save memory) and any ``--inductor-config KEY=VALUE`` settings tried.
-Compiled rows record ``compile_s_train``/``compile_s_infer``: torch's own compile
-timers by phase (``utils.modeling.compile_seconds``) for the training and the
-inference part of the row. Each row also has ``gpu_ms_per_train_step``: the summed GPU time of the kernels of
-one training step (from the profiler), the floor a launch-free step would reach;
-``--profile N`` prints the N kernels that take the most of it (of the inference step too,
-whose GPU time is ``gpu_ms_per_infer_step``), ``--kernels-json`` writes all of them.
-``--train-only`` skips the inference part (and its compile) when comparing training
-variants; ``--fused-kernels`` with ``--dwconv-config KEY=VALUE`` sets the fused conv
-kernels' launch settings (``bench/bench_dwconv.py`` prints its sweep's best).
-GroupMamba's scans run as the fused channels-last grid scan (``kernels.grid_scan``)
-with the ``triton`` and ``auto`` backends, unless ``--sequence-scan``; each row's
-``scan_layout`` says which (``grid`` or ``sequence``), and ``--grid-scan-config
-KEY=VALUE`` sets the grid scan's launch settings (``bench/bench_grid_scan.py``).
-
-With ``--json`` the file also gets the headline keys DESIGN.md asks for
-(``train_img_s_tiny_224_bs128`` ...), each the fastest mode's figure for
-groupmamba_tiny with the first backend; other keys already in the file (e.g. the
+With ``--json`` the file also gets the headline keys of groupmamba_tiny at 224 px
+(``train_img_s_tiny_224_bs128``, ...); other keys already in the file (e.g. the
 time-to-accuracy figures of ``bench/time_to_accuracy.py``) are kept.
 """
 from __future__ import annotations
@@ -67,32 +40,22 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
-import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import models  # noqa: E402  (registers the GroupMamba variants with timm)
-from kernels.selective_scan import available_backends, resolve_backend  # noqa: E402
-from utils.cuda_graphs import capture  # noqa: E402
-from utils.images import atomic_write_json, update_json  # noqa: E402
-from utils.modeling import compile_blocks, compile_seconds  # noqa: E402
-
-UNCOMPILED_MODES = ("eager", "cuda-graph")
-MODES = UNCOMPILED_MODES + ("compile", "reduce-overhead", "compile-blocks",
-                            "compile-blocks+cuda-graph")
+import models
+from utils.accel import SpeedPlan, compile_regions, compile_seconds, plan_speed
+from utils.config import add_speed_arguments, choose_scan_backend
+from utils.cuda_graphs import capture
+from utils.distributed import DistEnv
+from utils.images import atomic_write_json, update_json
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["groupmamba_tiny"])
-    parser.add_argument("--backends", nargs="+", default=["triton", "cuda", "torch"],
-                        help="scan backends; the first available one gives the headline keys "
-                             "(triton: GroupMamba's layers run the grid scan, the default path on "
-                             "CUDA; cuda: the extension on sequences gathered into scan order)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=["eager"])
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--train-batch", type=int, default=128)
     parser.add_argument("--infer-batch", type=int, default=256)
@@ -101,49 +64,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="steps in one timed window")
     parser.add_argument("--repeats", type=int, default=3, help="timed windows; the median is kept")
     parser.add_argument("--extra-train", nargs="*", default=["160:256"], metavar="SIZE:BATCH",
-                        help="more training-only rows for the first model (first backend)")
-    parser.add_argument("--profile", type=int, default=0, metavar="N",
-                        help="print the N kernels with the most GPU time per training step "
-                             "(and per inference step)")
-    parser.add_argument("--kernels-json", type=Path, default=None,
-                        help="write every kernel of each profiled step here (name, ms, calls), "
-                             "one entry per row, for offline analysis")
+                        help="more training-only rows for the first model")
     parser.add_argument("--train-only", action="store_true",
                         help="no inference part (saves its compile when comparing training variants)")
-    parser.add_argument("--json", type=Path, default=None,
-                        help="write (update) the results here")
-    parser.add_argument("--fused-kernels", action="store_true",
-                        help="the depth-wise convs as fused Triton kernels that recompute them "
-                             "in the backward (GroupMamba.set_fused_kernels(True)): less memory")
-    parser.add_argument("--dwconv-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="launch settings of the fused conv kernels (with --fused-kernels), e.g. "
-                             "rows_per_program=16, as bench/bench_dwconv.py's best_config prints them")
-    parser.add_argument("--sequence-scan", action="store_true",
-                        help="gather each channel group into its scan order and back around the "
-                             "backend's scan (GroupMamba.set_fused_scan(False)) instead of the "
-                             "fused grid scan that the triton and auto backends run")
-    parser.add_argument("--grid-scan-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="launch settings of the fused grid scan, e.g. fwd_block_t=128, as "
-                             "bench/bench_grid_scan.py's best_config prints them")
-    compiled = parser.add_argument_group("compiled modes")
-    compiled.add_argument("--memory-budget", type=float, default=1.0,
-                          help="torch._functorch.config.activation_memory_budget: below 1 the "
-                               "compiler recomputes activations in the backward to save memory")
-    compiled.add_argument("--stage-norms", action="store_true",
-                          help="compile-blocks: compile the LayerNorms that end each stage "
-                               "(GroupMamba's StageEnds) as regions too (experimental, "
-                               "see utils.modeling.compile_blocks)")
-    compiled.add_argument("--pad-matmuls", action=argparse.BooleanOptionalAction, default=True,
-                          help="compile-blocks: always pad matmuls with sizes that are not "
-                               "multiples of 8 (inductor's force_shape_pad) instead of letting "
-                               "inductor time each case (train.py's default too)")
-    compiled.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
-                          help="torch._inductor.config settings to try, e.g. padding_stride_threshold=256 "
-                               "(values are Python literals)")
+    parser.add_argument("--json", type=Path, default=None, help="write (update) the results here")
+    add_speed_arguments(parser)
+    expert = parser.add_argument_group("kernels and profiles")
+    expert.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N kernels with the most GPU time per training (and inference) step")
+    expert.add_argument("--kernels-json", type=Path, default=None,
+                        help="write every kernel of each profiled step here (name, ms, calls), one entry per row")
+    expert.add_argument("--dwconv-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="launch settings of the fused conv kernels (--low-memory), e.g. rows_per_program=16")
+    expert.add_argument("--grid-scan-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="launch settings of the grid scan's kernels, e.g. fwd_block_t=64")
+    expert.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings to try, e.g. padding_stride_threshold=256 "
+                             "(values are Python literals)")
     args = parser.parse_args(argv)
     try:
+        args.scan_backend = choose_scan_backend(args.scan_backend)
         args.inductor_config = inductor_settings(args.inductor_config)
-        args.dwconv_config = dwconv_settings(args.dwconv_config)
+        args.dwconv_config = launch_settings(args.dwconv_config, "--dwconv-config")
         args.grid_scan_config = launch_settings(args.grid_scan_config, "--grid-scan-config")
     except ValueError as exc:
         parser.error(str(exc))
@@ -160,14 +102,9 @@ def inductor_settings(items: list[str]) -> dict:
                       "a torch._inductor.config setting")
 
 
-def dwconv_settings(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> ``{key: value}`` for the fused conv kernels' launch CONFIG
-    (the keys are checked in :func:`main`: importing the kernels needs a GPU)."""
-    return launch_settings(items, "--dwconv-config")
-
-
 def launch_settings(items: list[str], flag: str) -> dict:
-    """``KEY=VALUE`` strings -> ``{key: value}`` for a Triton module's launch CONFIG."""
+    """``KEY=VALUE`` strings -> ``{key: value}`` for a Triton module's launch CONFIG (the
+    keys are checked in :func:`main`: importing the kernels needs a GPU)."""
     return key_values(items, lambda key: key.isidentifier(), flag, "a launch setting")
 
 
@@ -180,13 +117,6 @@ def apply_launch_settings(module_name: str, settings: dict, flag: str) -> None:
     if unknown:
         raise SystemExit(f"error: {flag}: unknown keys {unknown}; known: {', '.join(config)}")
     config.update(settings)
-
-
-def scan_layout(backend: str, sequence_scan: bool) -> str:
-    """``grid`` where GroupMamba's layers run the fused grid scan, else ``sequence``."""
-    from kernels import grid_scan
-    fused = not sequence_scan and grid_scan.fuses_backend(backend)
-    return "grid" if fused else "sequence"
 
 
 def key_values(items: list[str], known, flag: str, what: str) -> dict:
@@ -271,15 +201,15 @@ def make_train_step(model, parameters, images, labels, graphed: bool = False):
     return capture(step, forward_backward_step, optimizer.zero_grad) if graphed else step
 
 
-def prepare(model: torch.nn.Module, mode: str, stage_norms: bool = False,
-            pad_matmuls: bool = True) -> torch.nn.Module:
-    if mode in UNCOMPILED_MODES:
-        return model
-    if mode.startswith("compile-blocks"):
-        compile_blocks(model, stage_norms=stage_norms, pad_matmuls=pad_matmuls, dynamic=False)
-        return model
-    return torch.compile(model, dynamic=False,
-                         mode="reduce-overhead" if mode == "reduce-overhead" else None)
+def speed_plan(name: str, args) -> SpeedPlan:
+    """What train.py with these speed flags would run for model ``name`` on this GPU."""
+    request = SimpleNamespace(model=name, scan_backend=args.scan_backend, compile=args.compile,
+                              cuda_graph=args.cuda_graph, low_memory=args.low_memory, teacher=None)
+    return plan_speed(request, DistEnv(device=torch.device("cuda")), grad_scaling=False)
+
+
+def mode_name(plan: SpeedPlan) -> str:
+    return "+".join([m for m, on in (("compile", plan.compile), ("cuda-graph", plan.cuda_graph)) if on]) or "eager"
 
 
 def first_call_seconds(step) -> float:
@@ -291,7 +221,7 @@ def first_call_seconds(step) -> float:
     return time.perf_counter() - start
 
 
-def measure_train(runner, model, args, size: int, train_batch: int, graphed: bool) -> tuple[dict, list]:
+def measure_train(model, args, size: int, train_batch: int, graphed: bool) -> tuple[dict, list]:
     """The training figures of one row, and the profiled step's kernel table."""
     device = torch.device("cuda")
     images = torch.randn(train_batch, 3, size, size, device=device)
@@ -299,7 +229,7 @@ def measure_train(runner, model, args, size: int, train_batch: int, graphed: boo
     model.train()
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    train_step = make_train_step(runner, model.parameters(), images, labels, graphed)
+    train_step = make_train_step(model, model.parameters(), images, labels, graphed)
     first_s = first_call_seconds(train_step) + time.perf_counter() - start
     train_s = median_window_seconds(train_step, args.warmup, args.steps, args.repeats)
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
@@ -310,7 +240,7 @@ def measure_train(runner, model, args, size: int, train_batch: int, graphed: boo
             "gpu_ms_per_train_step": round(gpu_ms, 2), "first_train_step_s": round(first_s, 1)}, kernel_table
 
 
-def measure_infer(runner, model, args, size: int, graphed: bool) -> tuple[dict, list]:
+def measure_infer(model, args, size: int, graphed: bool) -> tuple[dict, list]:
     """The inference figures of one row, and the profiled step's kernel table."""
     model.eval()
     images = torch.randn(args.infer_batch, 3, size, size, device="cuda")
@@ -319,7 +249,7 @@ def measure_infer(runner, model, args, size: int, graphed: bool) -> tuple[dict, 
         # plain no_grad under capture: inference tensors gain nothing in a graph
         no_grad = torch.no_grad() if graphed else torch.inference_mode()
         with no_grad, torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not graphed):
-            runner(images)
+            model(images)
     start = time.perf_counter()
     if graphed:
         infer_step = capture(infer_step, infer_step)
@@ -337,45 +267,32 @@ def seconds_between(before: dict, after: dict) -> dict:
     return {key: round(value - before.get(key, 0.0), 1) for key, value in after.items()}
 
 
-def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: int,
-              infer: bool = True) -> tuple[dict, dict]:
+def bench_one(name: str, args, size: int, train_batch: int, infer: bool = True) -> tuple[dict, dict]:
     """One row, and the kernel tables of its profiled steps (``train``, ``infer``); a compile
     or capture that fails is a finding (the row's ``error``), not a crash."""
     torch.manual_seed(0)
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
-    row = {"model": name, "backend": backend, "mode": mode, "img_size": size, "train_batch": train_batch,
-           "fused_kernels": args.fused_kernels}
-    if args.fused_kernels and args.dwconv_config:
-        row["dwconv_config"] = args.dwconv_config
-    row["scan_layout"] = scan_layout(backend, args.sequence_scan)
-    if row["scan_layout"] == "grid" and args.grid_scan_config:
-        row["grid_scan_config"] = args.grid_scan_config
-    if mode not in UNCOMPILED_MODES:
-        row["memory_budget"] = args.memory_budget
-        if mode.startswith("compile-blocks"):
-            row["stage_norm_regions"] = args.stage_norms
-            row["pad_matmuls"] = args.pad_matmuls
-        if args.inductor_config:
-            row["inductor_config"] = args.inductor_config
+    plan = speed_plan(name, args)
+    row = {"model": name, "scan_backend": plan.scan_backend, "mode": mode_name(plan),
+           "low_memory": plan.low_memory, "img_size": size, "train_batch": train_batch}
+    row.update({key: value for key in ("dwconv_config", "grid_scan_config", "inductor_config")
+                if (value := getattr(args, key))})
     if args.profile:
-        print(f"--- {name} {backend} {mode}", flush=True)
-    model = models.create_model(name, num_classes=args.num_classes, scan_backend=backend).cuda()
-    if hasattr(model, "set_fused_kernels"):
-        model.set_fused_kernels(args.fused_kernels)
-        model.set_fused_scan(not args.sequence_scan)
-    resolve_backend(backend, torch.device("cuda"))  # imported before tracing: an import would break the graph
-    graphed = mode.endswith("cuda-graph")
+        print(f"--- {name} {row['mode']}", flush=True)
+    model = models.create_model(name, num_classes=args.num_classes, scan_backend=plan.scan_backend,
+                                low_memory=plan.low_memory).cuda()
     tables = {}
     try:
-        runner = prepare(model, mode, args.stage_norms, args.pad_matmuls)
+        if plan.compile:
+            compile_regions([model], plan)
         before = compile_seconds()
-        figures, tables["train"] = measure_train(runner, model, args, size, train_batch, graphed)
+        figures, tables["train"] = measure_train(model, args, size, train_batch, plan.cuda_graph)
         row.update(figures)
         after_train = compile_seconds()
         if infer:
-            figures, tables["infer"] = measure_infer(runner, model, args, size, graphed)
+            figures, tables["infer"] = measure_infer(model, args, size, plan.cuda_graph)
             row.update(figures)
-        if mode not in UNCOMPILED_MODES:
+        if plan.compile:
             row["compile_s_train"] = seconds_between(before, after_train)
             if infer:
                 row["compile_s_infer"] = seconds_between(after_train, compile_seconds())
@@ -386,50 +303,45 @@ def bench_one(name: str, backend: str, mode: str, args, size: int, train_batch: 
     return row, tables
 
 
-def headline(rows: list[dict], model: str, backend: str, size: int = 224, batch: int = 128) -> dict:
-    """DESIGN.md's keys: the fastest mode's figures for ``model`` with ``backend``."""
-    def best(key, img_size, train_batch=None):
-        pool = [r for r in rows if r["model"] == model and r["backend"] == backend
-                and r["img_size"] == img_size and key in r
-                and (train_batch is None or r["train_batch"] == train_batch)]
-        return max(pool, key=lambda r: r[key]) if pool else None
+def headline(rows: list[dict], model: str = "groupmamba_tiny") -> dict:
+    """DESIGN.md's keys from ``model``'s rows (224 px at batch 128, 160 px at batch 256)."""
+    def find(key, img_size, train_batch):
+        return next((r for r in rows if r["model"] == model and r["img_size"] == img_size and key in r
+                     and r["train_batch"] == train_batch), None)
 
     out = {}
-    train = best("train_img_s", size, batch)
+    train = find("train_img_s", 224, 128)
     if train:
         out.update(train_img_s_tiny_224_bs128=train["train_img_s"],
                    peak_mem_gib_tiny_224_bs128=train["peak_train_mem_gib"],
-                   launches_per_train_step_tiny=train["launches_per_train_step"],
-                   headline_train_mode=train["mode"])
-    small = best("train_img_s", 160, 256)
+                   launches_per_train_step_tiny=train["launches_per_train_step"], headline_mode=train["mode"])
+    small = find("train_img_s", 160, 256)
     if small:
         out["train_img_s_tiny_160_bs256"] = small["train_img_s"]
-    infer = best("infer_img_s", size)
+    infer = find("infer_img_s", 224, 128)
     if infer:
-        out.update(infer_img_s_tiny_224_bs256=infer["infer_img_s"], headline_infer_mode=infer["mode"])
+        out["infer_img_s_tiny_224_bs256"] = infer["infer_img_s"]
     return out
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("model", "scan_backend", "mode", "low_memory", "img_size", "train_batch", "train_img_s",
+              "train_step_ms", "gpu_ms_per_train_step", "peak_train_mem_gib", "launches_per_train_step",
+              "first_train_step_s", "infer_img_s")
+    print(" | ".join(header))
+    for row in rows:
+        print(" | ".join(str(row.get(key, "-")) for key in header))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_model.py needs a CUDA GPU")
-    unavailable = {b: why for b, why in available_backends().items() if why is not None}
-    backends = []
-    for backend in args.backends:
-        if backend in unavailable:
-            print(f"skip backend {backend}: {unavailable[backend]}")
-        else:
-            backends.append(backend)
-    if not backends:
-        raise SystemExit("none of --backends can run here")
-    functorch_config.activation_memory_budget = args.memory_budget
     for key, value in args.inductor_config.items():
         setattr(inductor_config, key, value)
     apply_launch_settings("kernels.depthwise_conv.triton_dwconv", args.dwconv_config, "--dwconv-config")
     apply_launch_settings("kernels.grid_scan.triton_grid_scan", args.grid_scan_config, "--grid-scan-config")
-    rows = []
-    kernel_tables = []
+    rows, kernel_tables = [], []
 
     def add(row: dict, tables: dict):
         if tables:
@@ -440,29 +352,18 @@ def main(argv=None) -> dict:
         print(json.dumps(row), flush=True)
 
     for name in args.models:
-        for backend in backends:
-            for mode in args.modes:
-                add(*bench_one(name, backend, mode, args, args.img_size, args.train_batch,
-                               infer=not args.train_only))
+        add(*bench_one(name, args, args.img_size, args.train_batch, infer=not args.train_only))
     for size, batch in args.extra_train:
-        for mode in args.modes:
-            add(*bench_one(args.models[0], backends[0], mode, args, size, batch, infer=False))
-    header = ("model", "backend", "mode", "img_size", "train_batch", "train_img_s",
-              "train_step_ms", "gpu_ms_per_train_step", "peak_train_mem_gib",
-              "launches_per_train_step",
-              "first_train_step_s", "infer_img_s")
-    print(" | ".join(header))
-    for row in rows:
-        print(" | ".join(str(row.get(key, "-")) for key in header))
+        add(*bench_one(args.models[0], args, size, batch, infer=False))
+    print_table(rows)
     result = {
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
         "command": "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "precision": "bf16 autocast, fp32 scan math (bf16 inputs), AdamW(fused)", "rows": rows,
     }
-    if args.models[0] == "groupmamba_tiny" and (args.img_size, args.train_batch,
-                                                 args.infer_batch) == (224, 128, 256):
-        result.update(headline(rows, "groupmamba_tiny", backends[0], args.img_size, args.train_batch))
+    if (args.train_batch, args.infer_batch) == (128, 256):
+        result.update(headline(rows))
     if args.json:
         update_json(args.json, result)
     if args.kernels_json:

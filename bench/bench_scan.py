@@ -31,11 +31,9 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+from kernels.selective_scan import available_backends, selective_scan_fn
 
-from kernels.selective_scan import available_backends, selective_scan_fn  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = [(128, 16, 3136), (128, 32, 784), (128, 87, 196), (128, 112, 49)]
 # one H200, official GroupMamba kernel (DESIGN.md): forward / backward microseconds
@@ -255,6 +253,62 @@ def sweep(sets, have):
     return rows
 
 
+def bench_shape(shape: tuple[int, int, int], have: list[str], opts, record: dict) -> None:
+    """Time every backend in ``have`` at one ``(batch, dim, length)``; rows go to ``record``."""
+    batch, dim, length = shape
+    key = f"B{batch}-D{dim}-L{length}"
+    sets = input_sets(batch, dim, length)
+    args, dy = sets[0]
+    if len(have) > 1:
+        record["agreement_max_rel_err"][key] = check_agreement(have, args, dy)
+    nbytes = fwd_bytes(batch, dim, length)
+    floor_us = time_autograd_floor(args, dy, opts.rep_ms)
+    record.setdefault("eager_autograd_floor_us", {})[key] = floor_us
+    print(f"{key:>16} eager fwd+bwd of a trivial op on the same 7 leaves: {floor_us:.1f} us")
+    for name in have:
+        fwd_us, bwd_us = time_kernels(name, sets if name != "torch" else sets[:1])
+        eager_fwd_us, eager_fwd_bwd_us = time_eager(name, args, dy, opts.rep_ms)
+        row = {"shape": key, "batch": batch, "dim": dim, "length": length, "backend": name,
+               "fwd_us": fwd_us, "bwd_us": bwd_us, "input_sets": len(sets),
+               "fwd_bytes": nbytes, "fwd_TBps": nbytes / (fwd_us * 1e-6) / 1e12 if fwd_us else None,
+               "eager_fwd_us": eager_fwd_us, "eager_fwd_bwd_us": eager_fwd_bwd_us,
+               "fwd_target_us": TARGET_FWD_US[length], "bwd_target_us": TARGET_BWD_US[length]}
+        record["results"].append(row)
+        fmt = lambda v: f"{v:9.1f}" if v is not None else "      n/a"  # noqa: E731
+        print(f"{key:>16} {name:>7}: kernel fwd {fmt(fwd_us)} us  bwd {fmt(bwd_us)} us | eager "
+              f"fwd {eager_fwd_us:8.1f} us  fwd+bwd {eager_fwd_bwd_us:8.1f} us", flush=True)
+    if opts.sweep:
+        rows = sweep(sets, have)
+        record["sweep"][key] = rows
+        for kind in ("fwd", "bwd"):
+            for backend in ("triton", "cuda"):
+                cand = [r for r in rows if r["kind"] == kind and r["backend"] == backend
+                        and r.get("us") is not None]
+                if cand:
+                    best = min(cand, key=lambda r: r["us"])
+                    print(f"{key:>16} sweep {backend:>6} {kind}: best {best['us']:.1f} us with "
+                          f"{best['config']} (of {len(cand)})", flush=True)
+    del sets, args, dy
+    torch.cuda.empty_cache()
+
+
+def print_table(record: dict, have: list[str]) -> None:
+    print()
+    print("| shape | backend | fwd us (target) | fwd TB/s | bwd us (target) | eager fwd us | eager fwd+bwd us |")
+    print("|---|---|---|---|---|---|---|")
+    for r in record["results"]:
+        def cell(v, target):
+            if v is None:
+                return "n/a"
+            return f"{v:.1f} ({target:.0f}, {'ok' if v <= target else 'MISS'})"
+        tbps = f"{r['fwd_TBps']:.2f}" if r["fwd_TBps"] else "n/a"
+        print(f"| {r['shape']} | {r['backend']} | {cell(r['fwd_us'], r['fwd_target_us'])} | {tbps} | "
+              f"{cell(r['bwd_us'], r['bwd_target_us'])} | {r['eager_fwd_us']:.1f} | "
+              f"{r['eager_fwd_bwd_us']:.1f} |")
+    if record["agreement_max_rel_err"]:
+        print("max rel. difference vs", have[0], ":", json.dumps(record["agreement_max_rel_err"]))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -292,57 +346,9 @@ def main(argv=None):
     except ImportError:
         record["triton"] = None
 
-    for batch, dim, length in SHAPES:
-        key = f"B{batch}-D{dim}-L{length}"
-        sets = input_sets(batch, dim, length)
-        args, dy = sets[0]
-        if len(have) > 1:
-            record["agreement_max_rel_err"][key] = check_agreement(have, args, dy)
-        nbytes = fwd_bytes(batch, dim, length)
-        floor_us = time_autograd_floor(args, dy, opts.rep_ms)
-        record.setdefault("eager_autograd_floor_us", {})[key] = floor_us
-        print(f"{key:>16} eager fwd+bwd of a trivial op on the same 7 leaves: {floor_us:.1f} us")
-        for name in have:
-            fwd_us, bwd_us = time_kernels(name, sets if name != "torch" else sets[:1])
-            eager_fwd_us, eager_fwd_bwd_us = time_eager(name, args, dy, opts.rep_ms)
-            row = {"shape": key, "batch": batch, "dim": dim, "length": length, "backend": name,
-                   "fwd_us": fwd_us, "bwd_us": bwd_us, "input_sets": len(sets),
-                   "fwd_bytes": nbytes, "fwd_TBps": nbytes / (fwd_us * 1e-6) / 1e12 if fwd_us else None,
-                   "eager_fwd_us": eager_fwd_us, "eager_fwd_bwd_us": eager_fwd_bwd_us,
-                   "fwd_target_us": TARGET_FWD_US[length], "bwd_target_us": TARGET_BWD_US[length]}
-            record["results"].append(row)
-            fmt = lambda v: f"{v:9.1f}" if v is not None else "      n/a"  # noqa: E731
-            print(f"{key:>16} {name:>7}: kernel fwd {fmt(fwd_us)} us  bwd {fmt(bwd_us)} us | eager "
-                  f"fwd {eager_fwd_us:8.1f} us  fwd+bwd {eager_fwd_bwd_us:8.1f} us", flush=True)
-        if opts.sweep:
-            rows = sweep(sets, have)
-            record["sweep"][key] = rows
-            for kind in ("fwd", "bwd"):
-                for backend in ("triton", "cuda"):
-                    cand = [r for r in rows if r["kind"] == kind and r["backend"] == backend
-                            and r.get("us") is not None]
-                    if cand:
-                        best = min(cand, key=lambda r: r["us"])
-                        print(f"{key:>16} sweep {backend:>6} {kind}: best {best['us']:.1f} us with "
-                              f"{best['config']} (of {len(cand)})", flush=True)
-        del sets, args, dy
-        torch.cuda.empty_cache()
-
-    # the table
-    print()
-    print("| shape | backend | fwd us (target) | fwd TB/s | bwd us (target) | eager fwd us | eager fwd+bwd us |")
-    print("|---|---|---|---|---|---|---|")
-    for r in record["results"]:
-        def cell(v, target):
-            if v is None:
-                return "n/a"
-            return f"{v:.1f} ({target:.0f}, {'ok' if v <= target else 'MISS'})"
-        tbps = f"{r['fwd_TBps']:.2f}" if r["fwd_TBps"] else "n/a"
-        print(f"| {r['shape']} | {r['backend']} | {cell(r['fwd_us'], r['fwd_target_us'])} | {tbps} | "
-              f"{cell(r['bwd_us'], r['bwd_target_us'])} | {r['eager_fwd_us']:.1f} | "
-              f"{r['eager_fwd_bwd_us']:.1f} |")
-    if record["agreement_max_rel_err"]:
-        print("max rel. difference vs", have[0], ":", json.dumps(record["agreement_max_rel_err"]))
+    for shape in SHAPES:
+        bench_shape(shape, have, opts, record)
+    print_table(record, have)
     if opts.json:
         os.makedirs(os.path.dirname(os.path.abspath(opts.json)), exist_ok=True)
         with open(opts.json, "w") as fh:

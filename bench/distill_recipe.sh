@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Distillation recipe (issue 6): does DeiT-style hard distillation from a trained CNN
+# Distillation recipe: does DeiT-style hard distillation from a trained CNN
 # teacher help groupmamba_tiny on the plant seedlings? A few minutes on two H200s,
 # with the images decoded once and kept on the GPU (--gpu-data):
 #   (a) the seed-42 split of data1 (makedata.py) and its mean/std (mean_std.py)

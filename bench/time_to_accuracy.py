@@ -29,8 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from utils.images import update_json  # noqa: E402
+from utils.images import update_json
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:

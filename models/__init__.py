@@ -12,17 +12,22 @@ from typing import Optional, Union
 import timm
 import torch.nn as nn
 
+from ._helpers import CheckpointError, LoadInfo, load_pretrained, read_checkpoint
 from .csms6s import SCAN_DIRECTIONS, from_sequence, selective_scan, to_sequence
-from .groupmamba import (GroupMamba, GroupMambaLayer, LoadInfo, checkpoint_filter_fn, groupmamba_base,
-                         groupmamba_small, groupmamba_tiny, load_pretrained)
+from .groupmamba import GroupMamba, GroupMambaLayer, checkpoint_filter_fn, groupmamba_base, groupmamba_small, \
+    groupmamba_tiny
 from .ss2d import SS2D
 
 __all__ = [
-    "GroupMamba", "GroupMambaLayer", "SS2D", "LoadInfo", "SCAN_DIRECTIONS",
-    "checkpoint_filter_fn", "load_pretrained", "create_model", "list_models",
-    "groupmamba_tiny", "groupmamba_small", "groupmamba_base",
+    "GroupMamba", "GroupMambaLayer", "SS2D", "LoadInfo", "SCAN_DIRECTIONS", "CheckpointError", "ModelConfigError",
+    "checkpoint_filter_fn", "load_pretrained", "read_checkpoint", "create_model", "list_models", "is_groupmamba",
+    "check_model_name", "groupmamba_tiny", "groupmamba_small", "groupmamba_base",
     "to_sequence", "from_sequence", "selective_scan",
 ]
+
+
+class ModelConfigError(ValueError):
+    """An unknown model name or arguments the model does not take."""
 
 
 def list_models() -> list[str]:
@@ -30,16 +35,36 @@ def list_models() -> list[str]:
     return timm.list_models("groupmamba_*")
 
 
-def create_model(model_name: str, pretrained: bool = False,
-                 checkpoint_path: Optional[Union[str, os.PathLike]] = None, strict: bool = True,
-                 **kwargs) -> nn.Module:
-    """``timm.create_model`` with the GroupMamba variants registered.
+def is_groupmamba(name: str) -> bool:
+    return name.lower().startswith("groupmamba")
 
-    ``checkpoint_path`` goes through :func:`load_pretrained` (official release,
-    bare state dict or our training checkpoint; heads re-initialised on a class
-    count change) instead of timm's plain loader.
+
+def check_model_name(name: str) -> None:
+    """Raise ModelConfigError unless timm knows ``name``."""
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        raise ModelConfigError(f"unknown model {name!r}"
+                               + (f"; similar names: {', '.join(close)}" if close else
+                                  " (any timm model name, or groupmamba_tiny/small/base)"))
+
+
+def create_model(model_name: str, pretrained: bool = False,
+                 checkpoint_path: Optional[Union[str, os.PathLike]] = None, strict: bool = True, *,
+                 scan_backend: Optional[str] = None, low_memory: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for any timm name, the GroupMamba variants registered.
+
+    ``scan_backend`` and ``low_memory`` are GroupMamba's (see :class:`GroupMamba`); other
+    models ignore them. ``checkpoint_path`` goes through :func:`load_pretrained` (an
+    official release, a bare state dict or a checkpoint of ours; heads of another class
+    count re-initialised). Unknown names and arguments raise :class:`ModelConfigError`.
     """
-    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    check_model_name(model_name)
+    if is_groupmamba(model_name):
+        kwargs.update(low_memory=low_memory, **({"scan_backend": scan_backend} if scan_backend else {}))
+    try:
+        model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelConfigError(f"model {model_name!r} does not accept {sorted(kwargs)}: {exc}") from exc
     if checkpoint_path is not None:
         load_pretrained(model, checkpoint_path, strict=strict)
     return model

@@ -12,12 +12,9 @@ State-dict keys, shapes and the forward computation match the official release
 """
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -28,12 +25,11 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from kernels import depthwise_conv
 
+from ._helpers import filter_state_dict
 from .csms6s import SCAN_DIRECTIONS
 from .ss2d import SS2D, can_batch, grouped_ss2d
 
-__all__ = ["GroupMamba", "GroupMambaLayer", "StochasticDepth", "checkpoint_filter_fn", "load_pretrained", "LoadInfo"]
-
-_logger = logging.getLogger(__name__)
+__all__ = ["GroupMamba", "GroupMambaLayer", "StochasticDepth", "checkpoint_filter_fn"]
 
 HEAD_NAMES = ("head", "dist_head")
 
@@ -70,23 +66,21 @@ class DWConv(nn.Module):
 class ConvMlp(nn.Module):
     """PVT-v2 feed-forward: fc1, depth-wise conv, GELU, fc2.
 
-    With ``fused_kernel = True`` (see :meth:`GroupMamba.set_fused_kernels`), on CUDA
-    with Triton, the conv, GELU and fc2 run as one fused op
-    (:mod:`kernels.depthwise_conv`) that keeps only fc1's output for the backward
-    pass: less memory, but ~5 % slower on an H200 so far. Off by default.
+    With ``low_memory`` on CUDA with Triton, the conv, GELU and fc2 run as one fused op
+    (:mod:`kernels.depthwise_conv`) that keeps only fc1's output for the backward pass.
     """
 
-    def __init__(self, in_features: int, hidden_features: int):
+    def __init__(self, in_features: int, hidden_features: int, low_memory: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
-        self.fused_kernel = False
+        self.low_memory = low_memory
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        if self.fused_kernel and x.is_cuda and depthwise_conv.HAS_TRITON:
+        if self.low_memory and x.is_cuda and depthwise_conv.HAS_TRITON:
             conv = self.dwconv.dwconv
             grid = x.view(x.shape[0], height, width, x.shape[-1])
             out = depthwise_conv.conv3x3_act_linear(grid, conv.weight, conv.bias, "gelu",
@@ -107,7 +101,7 @@ class GroupMambaLayer(nn.Module):
     """
 
     def __init__(self, input_dim: int, output_dim: int, d_state: int = 1, d_conv: int = 3,
-                 expand: float = 1, reduction: int = 16, scan_backend: str = "auto"):
+                 expand: float = 1, reduction: int = 16, scan_backend: str = "auto", low_memory: bool = False):
         super().__init__()
         if input_dim % len(SCAN_DIRECTIONS):
             raise ValueError(f"GroupMambaLayer splits channels into {len(SCAN_DIRECTIONS)} groups; "
@@ -129,13 +123,9 @@ class GroupMambaLayer(nn.Module):
         # run the four SS2Ds as one batched pipeline (same result, a quarter of the
         # kernel launches); False runs them one by one as released, for comparison
         self.batch_groups = True
-        # True: in the batched pipeline, the depth-wise conv + SiLU as one fused op on
-        # CUDA (kernels.depthwise_conv) instead of cuDNN's conv and a separate SiLU
-        self.fused_kernel = False
-        # True: on CUDA (Triton, d_state 1), the scans read the channels-last maps in
-        # their orders in one fused op (kernels.grid_scan); False gathers each group
-        # into its scan order and runs the SS2Ds' scan_backend
-        self.fused_scan = True
+        # in the batched pipeline on CUDA, the depth-wise conv + SiLU as one fused op
+        # (kernels.depthwise_conv) whose backward recomputes the conv
+        self.low_memory = low_memory
 
     def group_scans(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
@@ -149,7 +139,7 @@ class GroupMambaLayer(nn.Module):
         """Each channel quarter of ``(B, H, W, C)`` through its own SS2D, concatenated."""
         scans = self.group_scans()
         if self.batch_groups and can_batch(scans):
-            return grouped_ss2d(scans, grid, fused_conv=self.fused_kernel, fused_scan=self.fused_scan)
+            return grouped_ss2d(scans, grid, fused_conv=self.low_memory)
         groups = grid.chunk(len(scans), dim=-1)
         return torch.cat([scan(group) for scan, group in zip(scans, groups)], dim=-1)
 
@@ -200,11 +190,12 @@ class GroupMambaBlock(nn.Module):
     """Pre-norm residual block: GroupMambaLayer (which norms its own input), then ConvMlp."""
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0,
-                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, scan_backend: str = "auto"):
+                 norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, scan_backend: str = "auto",
+                 low_memory: bool = False):
         super().__init__()
         self.norm2 = norm_layer(dim)
-        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio))
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, low_memory=low_memory)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), low_memory=low_memory)
         self.drop_path = StochasticDepth(drop_path)
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -221,11 +212,11 @@ class ClassBlock(nn.Module):
     """
 
     def __init__(self, dim: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 scan_backend: str = "auto"):
+                 scan_backend: str = "auto", low_memory: bool = False):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.norm2 = norm_layer(dim)
-        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend)
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, low_memory=low_memory)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, cls_token: torch.Tensor) -> torch.Tensor:
@@ -281,28 +272,6 @@ class Downsample(nn.Module):
         return self.norm(tokens), height, width
 
 
-class StageEnd(nn.Module):
-    """The end of a stage: its LayerNorm, then the tokens back to a channels-last map.
-
-    A module of its own so that regional compilation (``utils.modeling.compile_blocks``)
-    can compile it: a LayerNorm compiled on its own is a frame of ``torch.nn``, which
-    torch.compile does not trace, and eager autocast runs it as a float32 copy plus
-    ATen's float32 kernels. The norm stays registered as the release's ``normN`` (same
-    state-dict keys); this module only refers to it and has no state of its own.
-
-    Shapes: ``(B, H*W, C)`` -> ``(B, C, H, W)`` (a channels-last view).
-    """
-
-    def __init__(self, norm: nn.Module):
-        super().__init__()
-        self._norm = (norm,)  # a tuple: not registered a second time
-
-    def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = self._norm[0](x)
-        # channels-last view back to a map; the next conv keeps that layout
-        return x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
-
-
 # --------------------------------------------------------------------------- model
 
 def _init_weights(module: nn.Module) -> None:
@@ -350,15 +319,21 @@ class GroupMamba(nn.Module):
             logits, evaluation their mean.
         drop_rate: dropout before the heads (0 as released; the release accepted and
             ignored this argument).
-        scan_backend: selective-scan backend of every SS2D (``"auto"``, ``"torch"``,
-            ``"triton"``, ``"cuda"``); see also :meth:`set_scan_backend`.
+        scan_backend: the selective scan of every layer, one of
+            :data:`kernels.grid_scan.SCAN_BACKENDS`: ``"auto"`` (the grid scan on CUDA
+            with Triton, the pure-PyTorch scan on the CPU), ``"grid"``, ``"triton"``,
+            ``"cuda"`` or ``"torch"``.
+        low_memory: on CUDA with Triton, run the depth-wise convs with their activation
+            (and the feed-forward's fc2) as fused kernels whose backward recomputes the
+            conv: the same numerics, about a third less activation memory, a few percent
+            slower (``bench/RESULTS.md``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,
                  embed_dims: Sequence[int] = (64, 128, 348, 448), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  drop_path_rate: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
                  depths: Sequence[int] = (3, 4, 6, 3), num_stages: int = 4, distillation: bool = True,
-                 drop_rate: float = 0.0, scan_backend: str = "auto"):
+                 drop_rate: float = 0.0, scan_backend: str = "auto", low_memory: bool = False):
         super().__init__()
         self._check_arguments(num_classes, embed_dims, mlp_ratios, depths, num_stages)
         self.num_classes = num_classes
@@ -377,19 +352,17 @@ class GroupMamba(nn.Module):
                 patch_embed = Downsample(embed_dims[stage - 1], embed_dims[stage])
             blocks = nn.ModuleList([
                 GroupMambaBlock(embed_dims[stage], mlp_ratios[stage], drop_path=rates[first_block + index],
-                                norm_layer=norm_layer, scan_backend=scan_backend)
+                                norm_layer=norm_layer, scan_backend=scan_backend, low_memory=low_memory)
                 for index in range(depths[stage])])
             first_block += depths[stage]
             # official attribute names, so released state_dict keys match
             self.add_module(f"patch_embed{stage + 1}", patch_embed)
             self.add_module(f"block{stage + 1}", blocks)
-            norm = norm_layer(embed_dims[stage])
-            self.add_module(f"norm{stage + 1}", norm)
-            if stage < num_stages - 1:
-                self.add_module(f"stage_end{stage + 1}", StageEnd(norm))
+            self.add_module(f"norm{stage + 1}", norm_layer(embed_dims[stage]))
 
         self.post_network = nn.ModuleList([
-            ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer=norm_layer, scan_backend=scan_backend)])
+            ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer=norm_layer, scan_backend=scan_backend,
+                       low_memory=low_memory)])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes)
         if distillation:
@@ -439,33 +412,6 @@ class GroupMamba(nn.Module):
     def _head_names(self) -> tuple[str, ...]:
         return HEAD_NAMES if self.distillation else HEAD_NAMES[:1]
 
-    def set_fused_kernels(self, enabled: bool) -> None:
-        """Use (or not) the fused depth-wise conv kernels on CUDA (:mod:`kernels.depthwise_conv`).
-
-        Same numerics (float32 accumulation); the backward recomputes the convs, so
-        training keeps about a third less activation memory, at ~5 % more GPU time a
-        step (groupmamba_tiny on an H200: bench/RESULTS.md, eighth session). Off by default.
-        """
-        for module in self.modules():
-            if isinstance(module, (ConvMlp, GroupMambaLayer)):
-                module.fused_kernel = enabled
-
-    def set_fused_scan(self, enabled: bool) -> None:
-        """Use (or not) the fused channels-last scan on CUDA (:mod:`kernels.grid_scan`).
-
-        On by default. Off, each channel group is gathered into its scan order and
-        back around the SS2Ds' ``scan_backend`` (the way every scan runs on the CPU).
-        """
-        for module in self.modules():
-            if isinstance(module, GroupMambaLayer):
-                module.fused_scan = enabled
-
-    def set_scan_backend(self, backend: str) -> None:
-        """Switch the selective-scan backend of every SS2D in the model."""
-        for module in self.modules():
-            if isinstance(module, SS2D):
-                module.scan_backend = backend
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_chans, H, W)`` -> normed class-token features ``(B, num_features)``."""
         for stage in range(1, self.num_stages + 1):
@@ -473,7 +419,9 @@ class GroupMamba(nn.Module):
             for block in getattr(self, f"block{stage}"):
                 x = block(x, height, width)
             if stage < self.num_stages:
-                x = getattr(self, f"stage_end{stage}")(x, height, width)
+                x = getattr(self, f"norm{stage}")(x)
+                # a channels-last view back to a map; the next conv keeps that layout
+                x = x.view(x.shape[0], height, width, -1).permute(0, 3, 1, 2)
         cls_token = x.mean(dim=1, keepdim=True)
         for block in self.post_network:
             cls_token = block(cls_token)
@@ -496,182 +444,16 @@ class GroupMamba(nn.Module):
 
 # --------------------------------------------------------------------------- checkpoints
 
-_PREFIXES = ("module.", "_orig_mod.")
-# Which entry of a checkpoint dict holds the weights, in order of preference.
-# "model" before "model_ema": our own training checkpoints and the official
-# training snapshots keep the trained weights under "model"; the EMA copy is a
-# fallback for files that only carry it. Official release files are bare state
-# dicts (they are loaded as such by the official eval script).
-_WRAPPER_KEYS = ("model", "model_ema", "state_dict")
-
-
-@dataclass
-class LoadInfo:
-    """What :func:`checkpoint_filter_fn` / :func:`load_pretrained` did."""
-    source: str = "state_dict"  # "model", "model_ema", "state_dict" entry, or the bare dict
-    stripped_prefixes: list[str] = field(default_factory=list)
-    reinitialized: list[str] = field(default_factory=list)  # head keys whose class count differed
-    dropped: list[str] = field(default_factory=list)  # dist_head keys the model has no use for
-    missing: list[str] = field(default_factory=list)  # only with strict=False
-    unexpected: list[str] = field(default_factory=list)  # only with strict=False
-    metadata: dict = field(default_factory=dict, repr=False)  # other entries of a training checkpoint
-
-    def __str__(self) -> str:
-        parts = [f"weights from {'the bare state dict' if self.source == 'bare' else repr(self.source)}"]
-        if self.stripped_prefixes:
-            parts.append(f"stripped {', '.join(map(repr, self.stripped_prefixes))}")
-        if self.reinitialized:
-            heads = sorted({key.split('.')[0] for key in self.reinitialized})
-            parts.append(f"re-initialised {', '.join(heads)} (class count differs)")
-        if self.dropped:
-            parts.append("dropped dist_head (model has none)")
-        if self.missing:
-            parts.append(f"{len(self.missing)} missing keys")
-        if self.unexpected:
-            parts.append(f"{len(self.unexpected)} unexpected keys")
-        return "; ".join(parts)
-
-
-def _is_state_dict(obj) -> bool:
-    return isinstance(obj, Mapping) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
-
-
-def _unwrap(checkpoint: Mapping, info: LoadInfo) -> Mapping:
-    if _is_state_dict(checkpoint):
-        info.source = "bare"
-        return checkpoint
-    for key in _WRAPPER_KEYS:
-        if key in checkpoint and _is_state_dict(checkpoint[key]):
-            info.source = key
-            info.metadata = {k: v for k, v in checkpoint.items() if not _is_state_dict(v)}
-            return checkpoint[key]
-    raise ValueError("checkpoint holds no state dict: expected a dict of tensors or one under "
-                     f"{', '.join(map(repr, _WRAPPER_KEYS))}; top-level keys: {_format_keys(list(checkpoint))}")
-
-
-def _strip_prefixes(state_dict: Mapping, info: LoadInfo) -> dict:
-    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` (in any nesting) from every key."""
-    stripped = {}
-    seen = set()
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _PREFIXES:
-                if key.startswith(prefix):
-                    key = key[len(prefix):]
-                    seen.add(prefix)
-                    changed = True
-        stripped[key] = value
-    info.stripped_prefixes = sorted(seen)
-    return stripped
-
-
-def _format_keys(keys: Sequence[str], limit: int = 20) -> str:
-    keys = list(keys)
-    shown = ", ".join(keys[:limit])
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return f"[{shown}{more}]"
-
-
-def _adapt_heads(state_dict: dict, model: GroupMamba, target: Mapping, info: LoadInfo) -> None:
-    """Fit head/dist_head entries to the model: fresh head on a class-count change, drop an unused dist_head."""
-    has_dist_head = getattr(model, "distillation", True)
-    checkpoint_classes = None
-    for key in [k for k in state_dict if k.split(".")[0] in HEAD_NAMES]:
-        if key.startswith("dist_head.") and not has_dist_head:
-            del state_dict[key]
-            info.dropped.append(key)
-        elif key in target and state_dict[key].shape != target[key].shape:
-            checkpoint_classes = state_dict[key].shape[0] if state_dict[key].dim() else None
-            state_dict[key] = target[key].detach().clone()
-            info.reinitialized.append(key)
-    if info.reinitialized:
-        heads = "/".join(sorted({key.split(".")[0] for key in info.reinitialized}))
-        _logger.warning("checkpoint heads have a different class count (%s in the checkpoint, %d in the model); "
-                        "keeping the model's freshly initialised %s: %s", checkpoint_classes,
-                        model.num_classes, heads, ", ".join(info.reinitialized))
-    if info.dropped:
-        _logger.warning("model has no dist_head (distillation=False); dropped from the checkpoint: %s",
-                        ", ".join(info.dropped))
-
-
-def _check_compatible(state_dict: Mapping, target: Mapping, info: LoadInfo, strict: bool) -> None:
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                  for k, v in state_dict.items() if k in target and v.shape != target[k].shape]
-    problems = []
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatches {_format_keys(mismatched)}")
-    if strict and missing:
-        problems.append(f"{len(missing)} missing keys {_format_keys(missing)}")
-    if strict and unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys {_format_keys(unexpected)}")
-    if problems:
-        hint = ""
-        if len(missing) == len(target):
-            hint = " None of the checkpoint's keys belong to this model: is it a GroupMamba checkpoint?"
-        elif mismatched or (missing and unexpected):
-            hint = " Is the checkpoint for a different GroupMamba variant?"
-        raise ValueError("checkpoint does not fit this model: " + "; ".join(problems) + "." + hint)
-    info.missing, info.unexpected = missing, unexpected
-
-
-def _filter(checkpoint: Mapping, model: nn.Module, strict: bool = True) -> tuple[dict, LoadInfo]:
-    info = LoadInfo()
-    state_dict = _strip_prefixes(_unwrap(checkpoint, info), info)
-    target = model.state_dict()
-    _adapt_heads(state_dict, model, target, info)
-    _check_compatible(state_dict, target, info, strict)
-    return state_dict, info
-
-
 def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:
-    """Make an outside checkpoint loadable into ``model`` with ``load_state_dict(strict=True)``.
+    """timm's ``pretrained_filter_fn``: an outside checkpoint made loadable into ``model``
+    with ``load_state_dict(strict=True)``.
 
-    Accepts an official release file or training snapshot, a bare state dict, or
-    one of our training checkpoints (``{"model": state_dict, "args": ..., ...}``).
-    Unwraps ``model`` (preferred), else ``model_ema``, else ``state_dict``; strips
-    ``module.`` and ``_orig_mod.``; when the class count differs, keeps the model's
-    freshly initialised ``head``/``dist_head`` (logged); drops ``dist_head`` for a
-    model built with ``distillation=False`` (logged). Anything else that does not
-    fit raises a ``ValueError`` listing the keys. Also the timm ``pretrained_filter_fn``.
+    Official release files (bare state dicts), training snapshots and checkpoints of
+    this toolkit all go through :func:`models._helpers.filter_state_dict`: the weights
+    unwrapped, ``module.``/``_orig_mod.`` stripped, heads of another class count
+    replaced by the model's fresh ones, a ``dist_head`` the model lacks dropped.
     """
-    return _filter(state_dict, model)[0]
-
-
-def _torch_load(path: Union[str, os.PathLike]):
-    import argparse
-    safe = getattr(torch.serialization, "safe_globals", None)
-    try:
-        if safe is None:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        # argparse.Namespace is plain data; training scripts often save their args
-        with safe([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        if isinstance(exc, (FileNotFoundError, IsADirectoryError)):
-            raise
-        raise RuntimeError(f"could not load {os.fspath(path)!r} with torch.load(weights_only=True): {exc}. "
-                           "Only tensors and plain Python data are loaded; if you trust the file, re-save its "
-                           "state dict: torch.save(torch.load(path, weights_only=False)['model'], new_path)") from exc
-
-
-def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
-                    strict: bool = True) -> LoadInfo:
-    """Load outside weights into ``model`` through :func:`checkpoint_filter_fn`.
-
-    ``checkpoint`` is a path (read on the CPU with ``weights_only=True``) or an
-    already loaded dict. With ``strict=False`` missing and unexpected keys are
-    reported in the returned :class:`LoadInfo` instead of raising; shape
-    mismatches outside the heads always raise.
-    """
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = _torch_load(checkpoint)
-    state_dict, info = _filter(checkpoint, model, strict=strict)
-    model.load_state_dict(state_dict, strict=strict)
-    return info
+    return filter_state_dict(state_dict, model)[0]
 
 
 # --------------------------------------------------------------------------- configs

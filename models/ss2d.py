@@ -49,7 +49,9 @@ class SS2D(nn.Module):
         dt_rank: rank of the step-size projection; ``"auto"`` is ``ceil(d_model / 16)``.
         d_conv: depth-wise conv kernel size (< 2 disables the conv).
         direction: scan order, one of :data:`models.csms6s.SCAN_DIRECTIONS`.
-        scan_backend: selective-scan backend name (see ``kernels.selective_scan``).
+        scan_backend: one of :data:`kernels.grid_scan.SCAN_BACKENDS`. On its own an SS2D
+            scans one sequence, so ``"grid"`` (the grouped pipeline's kernel) runs here
+            as the sequence Triton scan.
 
     Shapes: ``(B, H, W, d_model)`` -> ``(B, H, W, d_model)``.
     """
@@ -64,6 +66,9 @@ class SS2D(nn.Module):
         self.d_state = d_state
         self.dt_rank = dt_rank
         self.direction = check_direction(direction)
+        if scan_backend not in grid_scan.SCAN_BACKENDS:
+            raise ValueError(f"unknown scan backend {scan_backend!r}: expected one of "
+                             f"{', '.join(grid_scan.SCAN_BACKENDS)}")
         self.scan_backend = scan_backend
 
         # Registration order reproduces the released state_dict order.
@@ -109,8 +114,9 @@ class SS2D(nn.Module):
         dts, Bs, Cs = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
         dts = torch.matmul(self.dt_projs_weight[0], dts)  # (B, D, L)
         A = -torch.exp(self.A_logs.float())
+        backend = "triton" if self.scan_backend == "grid" else self.scan_backend
         ys = selective_scan(xs, dts, A, Bs.unsqueeze(1), Cs.unsqueeze(1), self.Ds,
-                            self.dt_projs_bias.view(-1), delta_softplus=True, backend=self.scan_backend)
+                            self.dt_projs_bias.view(-1), delta_softplus=True, backend=backend)
         return from_sequence(ys, self.direction, height, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,8 +213,7 @@ def _is_plain_3x3(conv: nn.Conv2d) -> bool:
             and conv.dilation == (1, 1) and conv.padding_mode == "zeros")
 
 
-def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = False,
-                 fused_scan: bool = True) -> torch.Tensor:
+def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = False) -> torch.Tensor:
     """All of ``scans`` on their channel groups of ``x`` as one batched computation.
 
     Equal to ``torch.cat([scan(g) for scan, g in zip(scans, x.chunk(G, -1))], -1)``
@@ -217,12 +222,11 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = Fals
     by side, ``(B, H, W, G * channels)``: the projections are linear layers over all
     groups (:func:`_grouped_linear`), the depth-wise convs one conv over the
     ``G * d_inner`` channels, and the selective scans one call of
-    :func:`kernels.grid_scan.selective_scan_grid`, which reads each group in its
-    scan order: with ``fused_scan`` on CUDA tensors (Triton, ``d_state`` 1) straight
-    from the channels-last maps, otherwise by gathering into sequences and back
-    and running the scans' ``scan_backend``. With ``fused_conv`` (and a CUDA
-    tensor, Triton, a 3x3 conv) the conv and SiLU run as one fused op
-    (:mod:`kernels.depthwise_conv`).
+    :func:`kernels.grid_scan.selective_scan_grid` with the scans' ``scan_backend``,
+    which reads each group in its scan order (``grid``: straight from the
+    channels-last maps; the sequence backends: gathered into sequences and back).
+    With ``fused_conv`` (and a CUDA tensor, Triton, a 3x3 conv) the conv and SiLU run
+    as one fused op (:mod:`kernels.depthwise_conv`).
 
     Shapes: ``(B, H, W, G * d_model)`` -> ``(B, H, W, G * d_model)``.
     """
@@ -233,7 +237,7 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = Fals
     d_inner = first.out_norm.normalized_shape[0]
 
     # in_proj as one linear (the conv then copies its strided half); two linears,
-    # signal and gate, measured no faster on an H200 (bench/RESULTS.md, sixth session)
+    # signal and gate, measured no faster on an H200 (bench/RESULTS.md)
     xs, z = _grouped_linear(x, [s.in_proj.weight for s in scans], [d_inner, d_inner],
                             None if first.in_proj.bias is None else [s.in_proj.bias for s in scans])
     z = first.act(z)
@@ -262,7 +266,7 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused_conv: bool = Fals
         xs.reshape(batch, length, groups * d_inner), dts.reshape(batch, length, groups * d_inner), A,
         Bs.reshape(batch, length, groups * d_state), Cs.reshape(batch, length, groups * d_state),
         torch.cat([s.Ds for s in scans]), torch.cat([s.dt_projs_bias.view(-1) for s in scans]),
-        tuple(s.direction for s in scans), height, width, backend=first.scan_backend, fused=fused_scan)
+        tuple(s.direction for s in scans), height, width, backend=first.scan_backend)
     ys = ys.view(batch, length, groups, d_inner)
     # per-group LayerNorm: the normalisation is shared, only the affine differs per group
     norm = first.out_norm

@@ -1,5 +1,5 @@
-"""The benchmark scripts' bookkeeping (the GPU measurements themselves run on the
-device machine): time-to-accuracy figures from a metrics.csv, bench_model's headline keys."""
+"""The benchmark scripts' bookkeeping (the GPU measurements themselves need a GPU):
+time-to-accuracy figures from a metrics.csv, bench_model's options and headline keys."""
 
 from __future__ import annotations
 
@@ -63,25 +63,34 @@ def test_time_to_accuracy_never_reached_and_bad_runs(tmp_path):
         tta.main(["--from-run", str(tmp_path / "old")])
 
 
-def test_bench_model_headline_keys_take_the_fastest_mode():
+def test_bench_model_headline_keys_come_from_groupmamba_tiny_rows():
     bench = load("bench_model")
 
-    def row(mode, size, batch, train, infer=None):
-        r = {"model": "groupmamba_tiny", "backend": "cuda", "mode": mode, "img_size": size,
-             "train_batch": batch, "train_img_s": train, "peak_train_mem_gib": train / 100,
-             "launches_per_train_step": int(train)}
+    def row(model, size, batch, train, infer=None):
+        r = {"model": model, "mode": "compile+cuda-graph", "img_size": size, "train_batch": batch,
+             "train_img_s": train, "peak_train_mem_gib": train / 100, "launches_per_train_step": int(train)}
         return r if infer is None else {**r, "infer_img_s": infer}
 
-    rows = [row("eager", 224, 128, 500.0, 2000.0), row("compile", 224, 128, 900.0, 1500.0),
-            row("eager", 160, 256, 1200.0)]
-    keys = bench.headline(rows, "groupmamba_tiny", "cuda")
-    assert keys["train_img_s_tiny_224_bs128"] == 900.0 and keys["headline_train_mode"] == "compile"
+    rows = [row("groupmamba_small", 224, 128, 700.0, 1000.0), row("groupmamba_tiny", 224, 128, 900.0, 1500.0),
+            row("groupmamba_tiny", 160, 256, 1200.0)]
+    keys = bench.headline(rows)
+    assert keys["train_img_s_tiny_224_bs128"] == 900.0 and keys["headline_mode"] == "compile+cuda-graph"
     assert keys["peak_mem_gib_tiny_224_bs128"] == 9.0 and keys["launches_per_train_step_tiny"] == 900
-    assert keys["infer_img_s_tiny_224_bs256"] == 2000.0 and keys["headline_infer_mode"] == "eager"
-    assert keys["train_img_s_tiny_160_bs256"] == 1200.0
+    assert keys["infer_img_s_tiny_224_bs256"] == 1500.0 and keys["train_img_s_tiny_160_bs256"] == 1200.0
     assert bench.parse_args(["--extra-train", "128:64"]).extra_train == [(128, 64)]
     with pytest.raises(SystemExit):
         bench.parse_args(["--extra-train", "big"])
+
+
+def test_bench_model_takes_train_py_speed_options(monkeypatch):
+    bench = load("bench_model")
+    args = bench.parse_args(["--compile", "--cuda-graph", "--low-memory", "--scan-backend", "grid"])
+    assert (args.compile, args.cuda_graph, args.low_memory, args.scan_backend) == (True, True, True, "grid")
+    monkeypatch.setenv("GROUPMAMBA_SCAN_BACKEND", "torch")
+    assert bench.parse_args([]).scan_backend == "torch"  # flag, else the environment, else auto
+    assert bench.parse_args(["--scan-backend", "cuda"]).scan_backend == "cuda"
+    assert bench.mode_name(bench.SpeedPlan("grid", True, True, False)) == "compile+cuda-graph"
+    assert bench.mode_name(bench.SpeedPlan("grid", False, False, True)) == "eager"
 
 
 def test_bench_model_reads_inductor_settings():
@@ -92,7 +101,7 @@ def test_bench_model_reads_inductor_settings():
     for bad in ("no_such_setting=1", "padding_stride_threshold"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--inductor-config", bad])
-    args = bench.parse_args(["--fused-kernels", "--dwconv-config", "rows_per_program=16", "row_warps=8"])
+    args = bench.parse_args(["--low-memory", "--dwconv-config", "rows_per_program=16", "row_warps=8"])
     assert args.dwconv_config == {"rows_per_program": 16, "row_warps": 8}
     with pytest.raises(SystemExit):
         bench.parse_args(["--dwconv-config", "rows_per_program"])
@@ -107,17 +116,15 @@ def test_bench_model_writes_every_kernel_and_skips_inference_when_asked(tmp_path
     monkeypatch.setattr(bench.torch.cuda, "get_device_name", lambda: "stub GPU")
     monkeypatch.setattr(bench.torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(bench.torch.nn.Module, "cuda", lambda self: self)
-    monkeypatch.setattr(bench, "available_backends", lambda: {"cuda": None})
-    monkeypatch.setattr(bench, "resolve_backend", lambda backend, device: backend)
-    monkeypatch.setattr(bench, "prepare", lambda model, mode, stage_norms=False, pad_matmuls=True: model)
+    monkeypatch.setattr(bench, "speed_plan", lambda name, args: bench.SpeedPlan("torch", False, False, False))
     figures = {"train_img_s": 100.0, "peak_train_mem_gib": 1.0, "launches_per_train_step": 10}
     monkeypatch.setattr(bench, "measure_train", lambda *a: (dict(figures), table))
     monkeypatch.setattr(bench, "measure_infer", lambda *a: ({"infer_img_s": 400.0}, table[:1]))
-    common = ["--backends", "cuda", "--modes", "eager", "--extra-train", "--num-classes", "3"]
+    common = ["--extra-train", "--num-classes", "3"]
 
     out = tmp_path / "kernels.json"
     result = bench.main(common + ["--kernels-json", str(out)])
-    assert result["rows"][0]["infer_img_s"] == 400.0
+    assert result["rows"][0]["infer_img_s"] == 400.0 and result["rows"][0]["mode"] == "eager"
     written = json.loads(out.read_text())["rows"]
     assert [k["name"] for k in written[0]["train"]] == ["gemm", "triton_poi_fused_add"]
     assert written[0]["train"][1] == {"name": "triton_poi_fused_add", "ms": 0.5, "calls": 7}

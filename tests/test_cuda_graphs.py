@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import models
-from utils.cuda_graphs import CapturedForward, CapturedTrainStep, cuda_graph_problem
+from utils.accel import cuda_graph_problem
+from utils.cuda_graphs import CapturedForward, CapturedTrainStep
 from utils.engine import heads_loss
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

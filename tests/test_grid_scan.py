@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kernels import grid_scan
-from kernels.selective_scan import selective_scan_fn
+from kernels.selective_scan import BackendUnavailableError, selective_scan_fn
 from models.csms6s import SCAN_DIRECTIONS, to_sequence
 from gpu_checks import grads_under_bf16_autocast, relative_error
 from subprocesses import run_in_triton_interpreter
@@ -91,8 +91,32 @@ def test_fused_scan_rejects_more_than_one_state():
 
 def test_cpu_tensors_take_the_reference_path():
     args = _inputs(1, 3, 3, per_group=2)
-    assert not grid_scan.can_fuse(args["u"], args["A"])
+    assert grid_scan.resolve_backend("auto", args["u"].device) == "torch"
     torch.testing.assert_close(grid_scan.selective_scan_grid(**args), grid_scan.reference(**args))
+
+
+def test_backend_requests_resolve_in_one_place(monkeypatch):
+    """auto is the grid scan on CUDA with Triton (one state, not float64), else the sequence
+    scans' auto; an explicit grid that cannot run says why and what to use instead. The
+    device is never touched, so this runs without a GPU."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(grid_scan, "HAS_TRITON", True)
+    assert grid_scan.resolve_backend("auto", cuda) == "grid"
+    assert grid_scan.resolve_backend("grid", cuda) == "grid"
+    assert grid_scan.resolve_backend("auto", cuda, n_state=2) != "grid"
+    assert grid_scan.resolve_backend("auto", cuda, dtype=torch.float64) != "grid"
+    assert grid_scan.resolve_backend("torch", cuda) == "torch"
+    assert grid_scan.resolve_backend("auto", cpu) == "torch"
+    with pytest.raises(BackendUnavailableError, match="needs a CUDA GPU.*--scan-backend auto"):
+        grid_scan.resolve_backend("grid", cpu)
+    with pytest.raises(ValueError, match="one state"):
+        grid_scan.resolve_backend("grid", cuda, n_state=2)
+    with pytest.raises(ValueError, match="unknown scan backend 'fast'"):
+        grid_scan.resolve_backend("fast", cpu)
+    monkeypatch.setattr(grid_scan, "HAS_TRITON", False)
+    assert grid_scan.resolve_backend("auto", cuda) != "grid"
+    with pytest.raises(BackendUnavailableError, match="triton"):
+        grid_scan.resolve_backend("grid", cuda)
 
 
 _INTERPRETER_CHECK = r"""
@@ -110,18 +134,12 @@ worst = {}
 # (batch, H, W, channels a group, dtype, launch settings): one chunk and one tile; several
 # chunks (L = 35 in chunks of 16, the forward's chunks twice as long as the backward's, whose
 # entering states it stores) and several channel tiles (5 channels in tiles of 4, whose
-# dB/dC add atomically), the backward's chunks walked by one program or one program each;
-# bf16 and fp16 inputs
+# dB/dC add atomically); bf16 and fp16 inputs
 cases = [(2, 5, 7, 3, torch.float32, dict(fwd_block_t=64, bwd_block_t=64, fwd_block_c=4, bwd_block_c=4)),
          (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4)),
-         (2, 5, 7, 5, torch.float32, dict(fwd_block_t=32, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4,
-                                          fwd_chunk_parallel=True, bwd_chunk_parallel=True)),
-         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
-                                           bwd_chunk_parallel=False)),
-         (1, 9, 9, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8,
-                                           fwd_chunk_parallel=False, bwd_chunk_parallel=True)),
-         (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4,
-                                          fwd_chunk_parallel=True, bwd_chunk_parallel=False))]
+         (1, 6, 6, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8)),
+         (1, 9, 9, 8, torch.bfloat16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=8, bwd_block_c=8)),
+         (1, 4, 5, 4, torch.float16, dict(fwd_block_t=16, bwd_block_t=16, fwd_block_c=4, bwd_block_c=4))]
 for batch, height, width, per_group, dtype, config in cases:
     triton_grid_scan.CONFIG.update(config)
     args = _inputs(batch, height, width, per_group, dtype=dtype)
@@ -135,14 +153,13 @@ for batch, height, width, per_group, dtype, config in cases:
         key = (dtype, name)
         worst[key] = max(worst.get(key, 0.0), err)
 
-# inference (no states kept for a backward), chunk-parallel: the entering states go to a scratch buffer
-triton_grid_scan.CONFIG.update(fwd_block_t=16, fwd_chunk_parallel=True)
+# inference (no states kept for a backward), in several chunks
+triton_grid_scan.CONFIG.update(fwd_block_t=16)
 args = _inputs(2, 5, 7, 3, dtype=torch.float32)
 args.update(A=args["A"].float(), D=args["D"].float(), delta_bias=args["delta_bias"].float())
 with torch.no_grad():
     err = (grid_scan.fused_scan(**args) - grid_scan.reference(**args, backend="torch")).abs().max().item()
 worst[(torch.float32, "y without grad")] = err
-triton_grid_scan.CONFIG.update(fwd_chunk_parallel=False, bwd_chunk_parallel=False)
 
 args = _inputs(2, 3, 4, 2, dtype=torch.float32)
 tensors = [args[k] for k in ("u", "delta", "A", "B", "C", "D", "delta_bias")]
@@ -181,14 +198,10 @@ def _all_grads(fn, args, dy):
 
 
 @needs_cuda
-@pytest.mark.parametrize("chunk_parallel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch, size, per_group", [(4, 56, 16), (3, 28, 32), (2, 14, 87), (2, 7, 112), (1, 9, 5)])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled, chunk_parallel, monkeypatch):
-    from kernels.grid_scan import triton_grid_scan
-    monkeypatch.setitem(triton_grid_scan.CONFIG, "fwd_chunk_parallel", chunk_parallel)
-    monkeypatch.setitem(triton_grid_scan.CONFIG, "bwd_chunk_parallel", chunk_parallel)
+def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled):
     args = _inputs(batch, size, size, per_group, dtype=dtype, device="cuda")
     args.update(A=args["A"].float(), D=args["D"].float().cuda(), delta_bias=args["delta_bias"].float().cuda())
     dy = torch.randn(batch, size * size, 4 * per_group, device="cuda")
@@ -204,15 +217,14 @@ def test_fused_matches_reference_on_gpu(dtype, batch, size, per_group, compiled,
 
 
 @needs_cuda
-def test_layer_with_and_without_fused_scan():
+def test_layer_with_the_grid_scan_and_the_sequence_scan():
     from models.groupmamba import GroupMambaLayer
-    torch.manual_seed(0)
-    layer = GroupMambaLayer(128, 128, scan_backend="auto").cuda()
     x = torch.randn(2, 14 * 14, 128, device="cuda")
     results = []
-    for fused in (True, False):
-        layer.fused_scan = fused
-        results.append(grads_under_bf16_autocast(layer, x, compiled=fused))
+    for backend in ("grid", "triton"):
+        torch.manual_seed(0)
+        layer = GroupMambaLayer(128, 128, scan_backend=backend).cuda()
+        results.append(grads_under_bf16_autocast(layer, x, compiled=backend == "grid"))
     (out_f, dx_f, g_f), (out_s, dx_s, g_s) = results
     assert relative_error(out_f, out_s) < 1e-2 and relative_error(dx_f, dx_s) < 2e-2
     for name in g_s:

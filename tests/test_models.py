@@ -242,6 +242,34 @@ def test_models_create_model_wrapper():
     assert all(m.scan_backend == "torch" for m in model.modules() if isinstance(m, models.SS2D))
 
 
+def test_one_create_model_for_every_timm_name():
+    with pytest.raises(models.ModelConfigError, match="similar names: .*groupmamba_tiny"):
+        models.create_model("groupmamba_tin")
+    with pytest.raises(models.ModelConfigError, match="does not accept"):
+        models.create_model("groupmamba_tiny", no_such_argument=1)
+    with pytest.raises(ValueError, match="unknown scan backend"):
+        models.create_model("groupmamba_tiny", scan_backend="fast")
+    with torch.device("meta"):  # GroupMamba's own options are ignored by other models
+        resnet = models.create_model("resnet18", num_classes=3, scan_backend="torch", low_memory=True)
+    assert resnet.fc.out_features == 3
+
+
+def test_load_pretrained_fits_any_timm_model_and_refuses_other_heads_for_inference(tmp_path):
+    source = timm.create_model("resnet18", num_classes=10)
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in source.state_dict().items()}}, path)
+    model = timm.create_model("resnet18", num_classes=3)
+    fresh_fc = model.fc.weight.clone()
+    info = load_pretrained(model, path)
+    assert info.source == "state_dict" and info.stripped_prefixes == ["module."]
+    assert sorted(info.reinitialized) == ["fc.bias", "fc.weight"] and torch.equal(model.fc.weight, fresh_fc)
+    torch.testing.assert_close(model.conv1.weight, source.conv1.weight)
+    with pytest.raises(models.CheckpointError, match="shape mismatches.*fc.weight"):
+        load_pretrained(model, path, reset_head=False)
+    with pytest.raises(models.CheckpointError, match="checkpoint not found"):
+        load_pretrained(model, tmp_path / "absent.pth")
+
+
 def test_without_distillation_there_is_one_head():
     model = small_model(num_classes=4, distillation=False)
     assert not hasattr(model, "dist_head")
@@ -382,7 +410,7 @@ def test_other_variant_is_rejected_with_keys_listed():
 def test_unsafe_pickle_is_refused(tmp_path):
     path = tmp_path / "pickled.pth"
     torch.save({"model": {}, "obj": functools.partial(print)}, path)
-    with pytest.raises(RuntimeError, match="weights_only=True"):
+    with pytest.raises(models.CheckpointError, match="weights_only=True"):
         load_pretrained(small_model(), path)
 
 
@@ -419,30 +447,24 @@ def test_stochastic_depth_drops_whole_samples_and_keeps_the_mean():
 
 
 def test_compile_blocks_compiles_regions_in_place(monkeypatch):
-    from utils.modeling import compile_blocks
+    from utils.accel import compile_blocks
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(kw))
     with torch.device("meta"):
         model = models.create_model("groupmamba_tiny", num_classes=3)
     keys = list(model.state_dict())
-    names = compile_blocks(model, pad_matmuls=False, dynamic=False)
+    names = compile_blocks(model, dynamic=False)
     assert names[:2] == ["patch_embed1", "block1.0"] and names[-1] == "post_network.0"
-    assert len(names) == 4 + sum(model.depths) + 1 and compiled == [{"dynamic": False}] * len(names)
+    assert len(names) == 4 + sum(model.depths) + 1
+    # inductor pads every matmul to multiples of 8
+    assert compiled == [{"dynamic": False, "options": {"force_shape_pad": True}}] * len(names)
     assert list(model.state_dict()) == keys
     compiled.clear()
-    names = compile_blocks(model, stage_norms=True, dynamic=False)  # padding is the default
-    assert [name for name in names if "stage_end" in name] == ["stage_end1", "stage_end2", "stage_end3"]
-    assert compiled == [{"dynamic": False, "options": {"force_shape_pad": True}}] * len(names)
-    compiled.clear()
-    compile_blocks(model, dynamic=False, mode="max-autotune")  # the default gives way to a mode
+    compile_blocks(model, dynamic=False, mode="max-autotune")  # torch.compile takes a mode or options
     assert {str(kw) for kw in compiled} == {str({"dynamic": False, "mode": "max-autotune"})}
     compiled.clear()
-    # padding is an inductor option (nothing to pad for other backends), and
-    # torch.compile takes a mode or options, not both
-    compile_blocks(model, pad_matmuls=True, dynamic=False, backend="aot_eager")
+    compile_blocks(model, dynamic=False, backend="aot_eager")  # padding is an inductor option
     assert {str(kw) for kw in compiled} == {str({"dynamic": False, "backend": "aot_eager"})}
-    with pytest.raises(ValueError, match="mode or options"):
-        compile_blocks(model, pad_matmuls=True, mode="max-autotune")
     import timm
     with torch.device("meta"):
         convnext = timm.create_model("convnext_atto")
@@ -453,13 +475,13 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     assert compile_blocks(plain) == [""]  # neither blocks nor stages: the whole model
 
 
-def test_compiled_stage_ends_train_like_eager():
-    """compile_blocks(stage_norms=True) on a small GroupMamba, traced by dynamo (the
-    aot_eager backend runs the traced graphs unchanged): the same logits and the same
-    gradients, the stage LayerNorms' included, for the model and for a copy (an EMA)."""
+def test_compiled_blocks_train_like_eager():
+    """compile_blocks on a small GroupMamba, traced by dynamo (the aot_eager backend runs the
+    traced graphs unchanged): the same logits and the same gradients, the stage
+    LayerNorms' between the regions included, for the model and for a copy (an EMA)."""
     import copy
     from models.groupmamba import GroupMamba
-    from utils.modeling import compile_blocks
+    from utils.accel import compile_blocks
     torch.manual_seed(0)
     eager = GroupMamba(num_classes=5, embed_dims=(16, 32, 48, 64), depths=(1, 1, 1, 1), stem_hidden_dim=8)
     for norm in (eager.norm1, eager.norm2, eager.norm3):
@@ -467,7 +489,7 @@ def test_compiled_stage_ends_train_like_eager():
     compiled = copy.deepcopy(eager)
     ema = copy.deepcopy(compiled)
     for module in (compiled, ema):
-        assert "stage_end2" in compile_blocks(module, stage_norms=True, dynamic=False, backend="aot_eager")
+        assert "block2.0" in compile_blocks(module, dynamic=False, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
 
     def run(model):
@@ -485,12 +507,12 @@ def test_compiled_stage_ends_train_like_eager():
         for name, grad in expected.items():
             torch.testing.assert_close(grads[name], grad, msg=name)
         with torch.no_grad():  # the EMA's graphs must read its own weights, not the first copy's
-            eager.norm2.weight.mul_(2)
-            ema.norm2.weight.mul_(2)
+            eager.block2[0].mlp.fc2.weight.mul_(2)
+            ema.block2[0].mlp.fc2.weight.mul_(2)
 
 
 def test_compile_seconds_grow_with_a_compile():
-    from utils.modeling import compile_seconds, describe_compile_seconds
+    from utils.accel import compile_seconds, describe_compile_seconds
     before = compile_seconds()
     layer = torch.compile(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), backend="aot_eager")
     layer(torch.randn(2, 4, requires_grad=True)).sum().backward()

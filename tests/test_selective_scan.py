@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from kernels.selective_scan import (
-    ENV_VAR,
     BackendUnavailableError,
     available_backends,
     resolve_backend,
@@ -241,31 +240,16 @@ def test_explicit_gpu_backend_on_cpu_says_how_to_fix(name):
         assert "Fix: move the tensors to a CUDA device, or pass backend='torch'" in message
 
 
-def test_env_var_selects_torch_even_for_cuda_tensors(monkeypatch):
-    # resolve_backend never touches the device, so this runs without a GPU
-    monkeypatch.setenv(ENV_VAR, "torch")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert resolve_backend("auto", torch.device("cuda")) == "torch"
-        y = selective_scan_fn(*small_args(), backend="auto")
-    torch.testing.assert_close(y, selective_scan_ref(*small_args(), False), rtol=0, atol=0)
+def test_the_kernels_never_read_the_environment(monkeypatch):
+    """The scripts choose the backend (flag, then GROUPMAMBA_SCAN_BACKEND, then auto:
+    utils.config.choose_scan_backend) and pass it down; the kernels take it as given."""
+    monkeypatch.setenv("GROUPMAMBA_SCAN_BACKEND", "cuda")
+    args = small_args()
+    assert resolve_backend("auto", args[0].device) == "torch"
+    torch.testing.assert_close(selective_scan_fn(*args), selective_scan_ref(*args, False), rtol=0, atol=0)
 
 
-def test_env_var_is_honoured_on_cpu(monkeypatch):
-    # left alone, auto picks torch on CPU; forcing cuda must reach the cuda check
-    monkeypatch.setenv(ENV_VAR, "CUDA ")
-    with pytest.raises(BackendUnavailableError, match="'cuda'"):
-        selective_scan_fn(*small_args())
-
-
-def test_env_var_bad_value_is_value_error(monkeypatch):
-    monkeypatch.setenv(ENV_VAR, "fast")
-    with pytest.raises(ValueError, match=ENV_VAR):
-        selective_scan_fn(*small_args())
-
-
-def test_auto_on_cpu_is_reference_without_warning(monkeypatch):
-    monkeypatch.delenv(ENV_VAR, raising=False)
+def test_auto_on_cpu_is_reference_without_warning():
     args = small_args()
     with warnings.catch_warnings():
         warnings.simplefilter("error")

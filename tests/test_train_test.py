@@ -206,6 +206,7 @@ def test_ddp_torchrun_cpu(tmp_path, split):
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"_{name}_script", REPO / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -296,14 +297,57 @@ def test_train_bad_arguments(train_script, capsys, tmp_path, split):
 
 
 def test_presets_set_defaults_and_flags_win(train_script):
-    args, _ = train_script.parse_args(["--preset", "fast"])
+    args, _ = train_script.parse_config(["--preset", "fast"])
     assert (args.img_size, args.batch_size, args.gpu_data, args.transpose) == (192, 64, "auto",
                                                                              0.5)
-    assert train_script.val_batch_size(args) == 256
-    assert train_script.val_batch_size(train_script.parse_args([])[0]) == 64  # --batch-size
-    args, _ = train_script.parse_args(["--preset", "fast", "--img-size", "128", "--compile"])
+    assert args.val_batch_size == 256
+    assert train_script.parse_config([])[0].val_batch_size == 64  # --batch-size
+    args, _ = train_script.parse_config(["--preset", "fast", "--img-size", "128", "--compile"])
     assert args.img_size == 128 and args.compile and args.lr == 5e-4
-    assert train_script.parse_args([])[0].compile is False
+    assert train_script.parse_config([])[0].compile is False
+
+
+def test_the_configuration_is_resolved_once_and_read_only(train_script):
+    config, _ = train_script.parse_config(["--epochs", "3"])
+    with pytest.raises(AttributeError, match="read-only"):
+        config.epochs = 4
+    assert config.epochs == 3 and vars(config)["epochs"] == 3
+
+
+def test_scan_backend_flag_then_environment_then_auto(train_script, monkeypatch, capsys):
+    from utils.config import choose_scan_backend
+    monkeypatch.delenv("GROUPMAMBA_SCAN_BACKEND", raising=False)
+    assert train_script.parse_config([])[0].scan_backend == "auto"
+    monkeypatch.setenv("GROUPMAMBA_SCAN_BACKEND", "torch")
+    assert train_script.parse_config([])[0].scan_backend == "torch"
+    assert train_script.parse_config(["--scan-backend", "grid"])[0].scan_backend == "grid"
+    assert choose_scan_backend(None, {"GROUPMAMBA_SCAN_BACKEND": " CUDA "}) == "cuda"
+    assert choose_scan_backend("triton", {"GROUPMAMBA_SCAN_BACKEND": "cuda"}) == "triton"
+    assert choose_scan_backend(None, {}) == "auto"
+    monkeypatch.setenv("GROUPMAMBA_SCAN_BACKEND", "fast")
+    with pytest.raises(SystemExit):
+        train_script.parse_config([])
+    assert "GROUPMAMBA_SCAN_BACKEND='fast'" in capsys.readouterr().err
+
+
+def test_scan_backend_that_cannot_run_here_is_one_line(tmp_path, split):
+    proc = run("train.py", "--data", split, "--output", tmp_path / "out", "--scan-backend", "grid", *TINY,
+               "--model", "groupmamba_tiny")
+    assert proc.returncode == 1 and "Traceback" not in output(proc), output(proc)
+    assert "scan backend 'grid' needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_puts_what_a_user_needs_first():
+    from utils.config import build_parser
+    text = build_parser().format_help()
+    groups = [line.rstrip(":") for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert groups[:5] == ["options", "data", "model", "schedule", "output"]
+    assert groups.index("speed") > groups.index("augmentation") and groups[-2:] == ["expert", "examples"]
+    assert text.index("--preset") < text.index("--epochs")
+    for example in ("--preset quick", "--preset fast", "makedata.py --src my_images"):
+        assert example in text.split("examples:")[1]
+    assert not any(word in text for word in ("H100", "H200", "img/s", "GiB", "session"))
 
 
 def test_save_every_and_time_limit(train_script, tmp_path, split, monkeypatch):
@@ -480,15 +524,16 @@ def test_set_schedule_length_shortens_a_running_cosine():
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_epochs_within_limit(train_script):
+def test_epochs_within_limit():
+    from utils.optim import epochs_within_limit
     rows = [{"epoch": 1, "epoch_time_s": 100.0, "elapsed_s": 100.0}]
-    assert train_script.epochs_within_limit(rows, 300) is None  # only the compiling epoch
+    assert epochs_within_limit(rows, 300) is None  # only the compiling epoch
     rows += [{"epoch": 2, "epoch_time_s": 2.0, "elapsed_s": 102.0},
              {"epoch": 3, "epoch_time_s": 3.0, "elapsed_s": 105.0},
              {"epoch": 4, "epoch_time_s": 2.0, "elapsed_s": 107.0}]
     # median 2 s an epoch, 193 s left: 96 more epochs
-    assert train_script.epochs_within_limit(rows, 300) == 4 + 96
-    assert train_script.epochs_within_limit(rows, 100) == 4  # past the limit: none more
+    assert epochs_within_limit(rows, 300) == 4 + 96
+    assert epochs_within_limit(rows, 100) == 4  # past the limit: none more
 
 
 def test_fit_time_limit_ends_the_run_and_schedule_early(train_script, tmp_path, split,
@@ -613,26 +658,8 @@ def test_validate_pads_the_last_batch_to_a_static_size():
     assert pad_batch(images, None) is images and pad_batch(images, 3) is images
 
 
-def test_fused_dwconv_needs_a_groupmamba_model(train_script, capsys):
-    assert train_script.parse_args(["--fused-dwconv"])[0].fused_dwconv
+def test_low_memory_needs_a_groupmamba_model(train_script, capsys):
+    assert train_script.parse_config(["--low-memory"])[0].low_memory
     with pytest.raises(SystemExit):
-        train_script.parse_args(["--model", "resnet18", "--fused-dwconv"])
+        train_script.parse_config(["--model", "resnet18", "--low-memory"])
     assert "GroupMamba models only" in capsys.readouterr().err
-
-
-def test_memory_budget_needs_compile_and_a_fraction(train_script, capsys):
-    assert train_script.parse_args(["--compile", "--memory-budget", "0.9"])[0].memory_budget == 0.9
-    assert train_script.parse_args(["--preset", "fast", "--memory-budget", "0.8"])[0].memory_budget == 0.8
-    fast = train_script.parse_args(["--preset", "fast"])[0]
-    assert fast.pad_matmuls and not fast.compile_stage_norms  # padding is the default
-    experimental = train_script.parse_args(["--preset", "fast", "--no-pad-matmuls", "--no-cuda-graph",
-                                            "--compile-stage-norms"])[0]
-    assert not experimental.pad_matmuls and experimental.compile_stage_norms
-    for argv, message in ((["--memory-budget", "0.9"], "add --compile"),
-                          (["--compile", "--memory-budget", "0"], "must be in (0, 1]"),
-                          (["--compile", "--memory-budget", "1.5"], "must be in (0, 1]"),
-                          (["--compile-stage-norms"], "add --compile"),
-                          (["--preset", "fast", "--compile-stage-norms"], "add --no-cuda-graph")):
-        with pytest.raises(SystemExit):
-            train_script.parse_args(argv)
-        assert message in capsys.readouterr().err

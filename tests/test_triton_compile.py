@@ -47,22 +47,13 @@ def compile_ptx(kernel, constexprs, warps, float32_ptrs=()):
 
 
 grid = triton_grid_scan.CONFIG
-for save, chunk_parallel in ((True, False), (False, False), (False, True)):
+for save in (True, False):
     compile_ptx(triton_grid_scan._grid_fwd_kernel, dict(BLOCK_T=grid["fwd_block_t"], BLOCK_C=grid["fwd_block_c"],
-                                                       SAVE_STATES=save, CHUNK_PARALLEL=chunk_parallel),
-                grid["fwd_warps"])
-compile_ptx(triton_grid_scan._grid_fwd_summary_kernel, dict(BLOCK_T=grid["bwd_block_t"],
-                                                           BLOCK_C=grid["fwd_block_c"]), grid["fwd_warps"])
+                                                       SAVE_STATES=save), grid["fwd_warps"])
 for atomic in (True, False):
-    for chunk_parallel in (False, True):
-        compile_ptx(triton_grid_scan._grid_bwd_kernel,
-                    dict(BLOCK_T=grid["bwd_block_t"], BLOCK_C=grid["bwd_block_c"], ATOMIC_BC=atomic,
-                         CHUNK_PARALLEL=chunk_parallel), grid["bwd_warps"],
-                    float32_ptrs=("dB_ptr", "dC_ptr") if atomic else ())
-compile_ptx(triton_grid_scan._grid_bwd_summary_kernel, dict(BLOCK_T=grid["bwd_block_t"],
-                                                           BLOCK_C=grid["bwd_block_c"]), grid["bwd_warps"])
-for reverse in (False, True):
-    compile_ptx(triton_grid_scan._combine_chunks_kernel, dict(REVERSE=reverse, BLOCK=128), 4)
+    compile_ptx(triton_grid_scan._grid_bwd_kernel,
+                dict(BLOCK_T=grid["bwd_block_t"], BLOCK_C=grid["bwd_block_c"], ATOMIC_BC=atomic), grid["bwd_warps"],
+                float32_ptrs=("dB_ptr", "dC_ptr") if atomic else ())
 
 flags = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True)
 for length in (3136, 196):

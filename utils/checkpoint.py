@@ -1,4 +1,5 @@
-"""Self-describing checkpoints: written atomically, read with ``weights_only=True``.
+"""Self-describing checkpoints, written atomically and read with ``weights_only=True``,
+and the run folder that holds them.
 
 A checkpoint written by train.py is a dict of tensors and plain Python values only::
 
@@ -26,12 +27,20 @@ A checkpoint written by train.py is a dict of tensors and plain Python values on
 from __future__ import annotations
 
 import argparse
+import datetime
+import logging
 import os
 import tempfile
+import types
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+
+from models import CheckpointError, read_checkpoint
+from utils.distributed import unwrap_model
+from utils.seed import get_rng_state, seed_everything, set_rng_state
 
 FORMAT = "groupmamba-toolkit/1"
 INFERENCE_KEYS = ("model", "model_name", "model_kwargs", "class_names", "mean", "std",
@@ -40,13 +49,9 @@ RESUME_KEYS = INFERENCE_KEYS + ("optimizer", "scaler", "scheduler", "epoch",
                                 "global_step", "best_acc1", "args")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used for what was asked; the message says why."""
-
-
 def to_plain(obj: Any) -> Any:
     """Namespaces, paths, tuples, numpy scalars -> dicts, strings, lists, numbers."""
-    if isinstance(obj, argparse.Namespace):
+    if isinstance(obj, (argparse.Namespace, types.SimpleNamespace)):
         obj = vars(obj)
     if isinstance(obj, Mapping):
         return {str(k): to_plain(v) for k, v in obj.items()}
@@ -99,15 +104,7 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = (),
     holding more than tensors and plain values, or missing keys.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights-only errors all land here
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot load {path} as a PyTorch checkpoint with weights_only=True: "
-            f"{first}") from exc
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     missing = [k for k in required if k not in ckpt]
@@ -149,71 +146,73 @@ def choose_weights(ckpt: dict, mode: str, path: str | os.PathLike) -> tuple[dict
     return ckpt["model"], "raw"
 
 
-def clean_state_dict(state_dict: Mapping[str, Any]) -> dict:
-    """Strip ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
-    out = {}
-    for key, value in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while key.startswith(prefix):
-                key = key[len(prefix):]
-        out[key] = value
-    return out
+@dataclass
+class RunState:
+    """Where the run stands; saved in last.pth and restored by --resume."""
+    epochs: int  # the planned length (--fit-time-limit may shorten it)
+    epoch: int = 0
+    global_step: int = 0
+    best_acc1: float = -1.0
+    best_epoch: int = 0
+    best_source: str = "model"
+    history: list = field(default_factory=list)
 
 
-def extract_state_dict(ckpt: Mapping[str, Any], prefer_ema: bool = False) -> dict:
-    """The weights inside a checkpoint of ours or of the usual outside formats."""
-    keys = (("model_ema", "state_dict_ema", "model", "state_dict") if prefer_ema
-            else ("model", "state_dict", "model_ema", "state_dict_ema"))
-    for key in keys:
-        value = ckpt.get(key)
-        if isinstance(value, Mapping) and value:
-            return clean_state_dict(value)
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return clean_state_dict(ckpt)  # a bare state dict
-    raise CheckpointError("no state dict found (looked for model, state_dict, "
-                          "model_ema, state_dict_ema or a bare state dict)")
+def restore_training(ckpt: dict, parts, classes: list[str], env, config) -> RunState:
+    """Load a last.pth into train.py's training objects (``parts``: model, ema, optimizer,
+    scheduler, precision); returns where the run stood."""
+    if ckpt["class_names"] != classes:
+        raise CheckpointError(f"the data's classes {classes} differ from the checkpoint's {ckpt['class_names']}")
+    parts.model.load_state_dict(ckpt["model"])
+    if parts.ema is not None and ckpt.get("model_ema") is not None:
+        parts.ema.module.load_state_dict(ckpt["model_ema"])
+    elif parts.ema is not None:
+        logging.getLogger("train").warning("checkpoint has no EMA weights: EMA restarts from the model's")
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    # the saved base rates equal --lr unless --lr was given again: then it takes effect
+    parts.scheduler.base_lrs = [config.lr * g.get("lr_scale", 1.0) for g in parts.optimizer.param_groups]
+    if ckpt.get("scaler"):
+        parts.precision.scaler.load_state_dict(ckpt["scaler"])
+    if env.world_size == 1:
+        set_rng_state(ckpt.get("rng"))
+    else:  # one saved state cannot serve every rank: re-seed per rank and epoch
+        seed_everything(config.seed + 1000 * int(ckpt["epoch"]), env.rank)
+    return RunState(config.epochs, int(ckpt["epoch"]), int(ckpt["global_step"]), float(ckpt["best_acc1"]),
+                    int(ckpt.get("best_epoch") or 0), ckpt.get("best_source") or "model",
+                    list(ckpt.get("history") or []))
 
 
-def classifier_names(model: torch.nn.Module) -> list[str]:
-    """Module names of the classifier head(s), from timm's pretrained_cfg."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    names = cfg.get("classifier") or []
-    if isinstance(names, str):
-        names = [names]
-    names = list(names)
-    for extra in ("head_dist", "dist_head"):
-        if hasattr(model, extra) and extra not in names:
-            names.append(extra)
-    return names
+def training_checkpoint(config, parts, state: RunState, meta: dict, full: bool) -> dict:
+    """best.pth (``full`` False: what inference needs) or last.pth (all --resume needs), in
+    the format above; ``meta``: class_names, mean, std."""
+    return {"format": FORMAT, "model": unwrap_model(parts.model).state_dict(),
+            "model_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
+            "optimizer": parts.optimizer.state_dict() if full else None,
+            "scaler": parts.precision.scaler.state_dict() if full else None,
+            "scheduler": parts.scheduler.state_dict() if full else None,
+            "rng": get_rng_state() if full else None,
+            **{k: v for k, v in asdict(state).items() if k != "epochs"},
+            "model_name": config.model, "model_kwargs": to_plain(parts.model_kwargs), **meta,
+            # the arguments as run: --fit-time-limit may have shortened --epochs
+            "img_size": int(config.img_size), "args": {**to_plain(config), "epochs": state.epochs},
+            "teacher": to_plain(parts.teacher.info) if parts.teacher is not None else None}
 
 
-def load_weights_dropping_head(model: torch.nn.Module, state_dict: Mapping[str, Any],
-                               source: str = "checkpoint") -> list[str]:
-    """Load ``state_dict`` into ``model``; head weights whose shape differs (another class
-    count) are dropped and left freshly initialised. Anything else that does not fit is
-    an error. Returns the dropped keys."""
-    own = model.state_dict()
-    heads = tuple(n + "." for n in classifier_names(model))
-    dropped, mismatched = [], []
-    state = {}
-    for key, value in state_dict.items():
-        if key in own and own[key].shape != value.shape:
-            (dropped if key.startswith(heads) else mismatched).append(key)
-            continue
-        state[key] = value
-    if mismatched:
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: shape mismatch in "
-            + ", ".join(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-                        for k in mismatched[:5])
-            + (" ..." if len(mismatched) > 5 else ""))
-    result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(heads)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"{source} does not fit {type(model).__name__}: "
-            + (f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} " if missing else "")
-            + (f"unexpected {result.unexpected_keys[:5]}"
-               f"{' ...' if len(result.unexpected_keys) > 5 else ''}"
-               if result.unexpected_keys else ""))
-    return dropped
+def prepare_run_folder(config, owned_files: tuple[str, ...]) -> str:
+    """Create train.py's run folder (``--output``, else the ``--resume`` checkpoint's folder,
+    else ``runs/<time>``); refuse to mix with someone else's files: ``--force`` replaces
+    only ``owned_files``."""
+    out = Path(config.output or (Path(config.resume).parent if config.resume else
+                                 Path("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))))
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --output {out} exists and is not a folder")
+    resuming_here = config.resume and Path(config.resume).resolve().parent == out.resolve()
+    if out.is_dir() and any(out.iterdir()) and not resuming_here:
+        if not config.force:
+            raise SystemExit(f"error: --output {out} is not empty; choose another --output, continue that run "
+                             f"with --resume {out / 'last.pth'}, or pass --force to replace train.py's files in it")
+        for name in owned_files:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return str(out)

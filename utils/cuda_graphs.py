@@ -10,7 +10,8 @@ read from fixed ones (valid until the next replay).
 
 - :func:`capture`: a callable captured after warm-up calls (used by the benchmark);
 - :class:`CapturedTrainStep`: forward, loss, backward, gradient clipping and the
-  optimizer step of ``train.py`` in one graph (``--cuda-graph``);
+  optimizer step of ``train.py`` in one graph (``--cuda-graph``; whether it can run
+  is decided in :mod:`utils.accel`);
 - :class:`CapturedForward`: an evaluation forward in one graph.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["capture", "CapturedTrainStep", "CapturedForward", "cuda_graph_problem"]
+__all__ = ["capture", "CapturedTrainStep", "CapturedForward"]
 
 
 def capture(warmup_step: Callable[[], object], body: Callable[[], object],
@@ -51,20 +52,6 @@ def on_side_stream(fn: Callable[[], object], times: int = 1):
             result = fn()
     torch.cuda.current_stream().wait_stream(side)
     return result
-
-
-def cuda_graph_problem(device: torch.device, distributed: bool, data_parallel: bool,
-                       grad_scaling: bool, teacher: bool) -> Optional[str]:
-    """Why ``train.py --cuda-graph`` cannot be used in this setup, or None."""
-    if device.type != "cuda":
-        return "it needs a CUDA device"
-    if distributed or data_parallel:
-        return "it runs in a single process on one GPU only"
-    if grad_scaling:
-        return "fp16's GradScaler synchronises with the host every step (use --amp bf16)"
-    if teacher:
-        return "distillation runs the teacher outside the captured step"
-    return None
 
 
 def _graph_autocast(device_type: str, dtype: torch.dtype, enabled: bool):

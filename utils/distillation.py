@@ -48,6 +48,7 @@ data has classes. Anything else is a ``TeacherError`` raised before training sta
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +58,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.checkpoint import (CheckpointError, INFERENCE_KEYS, check_checkpoint,
-                              choose_weights, classifier_names, clean_state_dict,
-                              extract_state_dict, load_checkpoint, to_plain)
-from utils.modeling import (ModelConfigError, check_model_name, create_model,
-                            is_groupmamba, load_for_inference)
+from models import ModelConfigError, check_model_name, create_model, is_groupmamba, load_pretrained
+from models._helpers import classifier_names, clean_state_dict, unwrap_state_dict
+from utils.checkpoint import (CheckpointError, INFERENCE_KEYS, check_checkpoint, choose_weights,
+                              load_checkpoint, to_plain)
 from utils.seed import preserved_rng
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -268,7 +268,7 @@ def load_teacher(source: TeacherSource, class_names: Sequence[str],
         if names is not None:
             _check_classes(names, classes, str(path))
         try:
-            state = extract_state_dict(ckpt)
+            state = clean_state_dict(unwrap_state_dict(ckpt)[0])[0]
         except CheckpointError as exc:
             raise TeacherError(f"{path}: {exc}") from exc
         weights = "raw"
@@ -276,7 +276,6 @@ def load_teacher(source: TeacherSource, class_names: Sequence[str],
             name, kind = source.model_name, "timm model + checkpoint"
             if ours and ckpt["model_name"] == name:
                 state, weights = choose_weights(ckpt, "auto", path)
-                state = clean_state_dict(state)
                 kwargs = dict(ckpt["model_kwargs"])
             else:
                 kwargs = {"num_classes": len(classes)}
@@ -294,12 +293,15 @@ def load_teacher(source: TeacherSource, class_names: Sequence[str],
                 raise TeacherError(f"{path} is a {name} with {kwargs['num_classes']} classes "
                                    f"but the data has {len(classes)}; {_SAME_CLASSES}")
     try:
-        model = create_model(name, kwargs, scan_backend)
+        model = create_model(name, scan_backend=scan_backend, **kwargs)
     except ModelConfigError as exc:
         raise TeacherError(f"cannot build the teacher {name} of {path}: {exc}") from exc
     if names is None:
         _check_head_size(model, state, len(classes), str(path))
-    load_for_inference(model, state, str(path))
+    try:
+        load_pretrained(model, state, reset_head=False)
+    except CheckpointError as exc:
+        raise TeacherError(f"the weights in {path} do not fit the teacher {name}: {exc}") from exc
     out_features = _output_size(model, state)
     if out_features is not None and out_features != len(classes):
         raise TeacherError(f"{path}: the teacher predicts {out_features} classes but the "
@@ -358,6 +360,23 @@ def same_teacher_note(saved: Optional[Mapping[str, Any]], current: Mapping[str, 
     return (f"the teacher file {current.get('file')} is not the one this run started "
             f"with ({saved.get('file')}, sha256 {str(saved.get('sha256'))[:12]}...); "
             "training continues with the new one")
+
+
+def check_teacher(teacher: Teacher, config, evaluate: Callable[[nn.Module], dict],
+                  saved_info: Optional[Mapping[str, Any]], student_kwargs: Mapping[str, Any]) -> None:
+    """Log how the teacher is used and its accuracy on val (``evaluate(model)``, a check
+    that it fits the data); the accuracy is recorded in ``teacher.info``."""
+    log = logging.getLogger("train")
+    note = same_teacher_note(saved_info, teacher.info)
+    for line in teacher.notes + ([note] if note else []):
+        log.warning("teacher: %s", line)
+    with preserved_rng():  # a loader draws its seed from the RNG; keep the run's stream
+        accuracy = evaluate(teacher.model)["acc1"]
+    teacher.info["val_acc1"] = accuracy
+    info = teacher.info
+    log.info("teacher: %s from %s (%s, %s weights, %.2f M params), val ACC1 %.2f %%; %s", info["model_name"],
+             info["file"], info["kind"], info["weights"], info["params"] / 1e6, accuracy,
+             describe(config.distillation_type, config.distillation_alpha, config.distillation_tau, student_kwargs))
 
 
 def describe(kind: str, alpha: float, tau: float, student_kwargs: Mapping[str, Any]) -> str:

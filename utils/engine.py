@@ -62,19 +62,60 @@ def heads_loss(criterion: Callable) -> Callable:
     return loss_fn
 
 
-def _forward_backward(model, images, target, criterion, optimizer, precision, distill):
-    """Forward and backward; returns ``(outputs, loss value)``. The value is read (the
-    step's one host sync) once the backward is queued and before the weights change, so
-    a NaN stops the run before it spoils them."""
+class _HostClock:
+    """Host seconds by phase: where a step's wall time goes when the GPU is not the limit."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(HOST_PHASES, 0.0)
+        self.mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self.mark
+        self.mark = now
+
+
+class _LossProgress:
+    """The running loss and the progress bar; stops the run at the first NaN/inf loss."""
+
+    def __init__(self, steps: int, epoch: int, optimizer, env: DistEnv):
+        self.meter = AverageMeter("loss")
+        self.epoch, self.optimizer = epoch, optimizer
+        self.bar = _progress(steps, f"epoch {epoch} train", env)
+
+    def record(self, step: int, value: float, n: int) -> None:
+        if not math.isfinite(value):
+            self.bar.close()
+            raise NonFiniteLossError(self.epoch, step, value)
+        self.meter.update(value, n)
+        self.bar.set_postfix(loss=f"{self.meter.avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+        self.bar.update(1)
+
+
+def _eager_step(model, images, target, criterion, optimizer, precision, distill, params, max_norm,
+                record_loss: Callable[[float], None]):
+    """Forward, backward, clipping and the optimizer step; returns ``(outputs, grad norm)``.
+    The loss is read (the step's one host sync) once the backward is queued and before the
+    weights change, so a NaN stops the run before it spoils them."""
     with precision.autocast():
         outputs = model(images)
-        if distill is not None:
-            loss = distill(images, outputs, target)
-        else:
-            loss = heads_loss(criterion)(outputs, target)
+        loss = distill(images, outputs, target) if distill is not None else heads_loss(criterion)(outputs, target)
     optimizer.zero_grad(set_to_none=True)
     precision.scaler.scale(loss).backward()
-    return outputs, loss.item()
+    record_loss(loss.item())
+    precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    precision.scaler.step(optimizer)
+    precision.scaler.update()
+    return outputs, grad_norm
+
+
+def _step_sums(outputs, hard_target: torch.Tensor, grad_norm: torch.Tensor, k5: int) -> torch.Tensor:
+    """Top-1 hits, top-5 hits, the gradient norm when finite, 1 when finite (on the device)."""
+    with torch.no_grad():
+        finite = torch.isfinite(grad_norm)
+        return torch.cat([topk_hits(_logits(outputs).float(), hard_target, (1, k5)),
+                          torch.where(finite, grad_norm, 0.0).view(1).float(), finite.view(1).float()])
 
 
 def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
@@ -91,92 +132,66 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
     criterion, optimizer and ``clip_grad`` that does forward to optimizer step in one
     CUDA graph (there a NaN loss is seen only after the optimizer step)."""
     model.train()
-    loss_m = AverageMeter("loss")
-    k5 = min(5, num_classes)
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
     params = [p for p in model.parameters() if p.requires_grad]
     max_norm = clip_grad if clip_grad > 0 else math.inf  # inf: measure, never clip
-    # top-1 hits, top-5 hits, sum of finite grad norms, their count: summed on the
-    # device, read once at the end (a host sync per value would stall the GPU)
+    # summed on the device, read once at the end (a host sync per value would stall the GPU)
     sums = torch.zeros(4, device=env.device)
     start = time.perf_counter()
-    step = 0
-    bar = _progress(steps, f"epoch {epoch} train", env)
-    # host seconds by phase (where a step's wall time goes when the GPU is not the limit)
-    host = dict.fromkeys(HOST_PHASES, 0.0)
-    mark = start
-
-    def lap(phase: str) -> None:
-        nonlocal mark
-        now = time.perf_counter()
-        host[phase] += now - mark
-        mark = now
-
-    def record_loss(at_step: int, value: float, n: int) -> None:
-        if not math.isfinite(value):
-            bar.close()
-            raise NonFiniteLossError(epoch, at_step, value)
-        loss_m.update(value, n)
-        bar.set_postfix(loss=f"{loss_m.avg:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-        bar.update(1)
-
+    clock, progress = _HostClock(), _LossProgress(steps, epoch, optimizer, env)
     # captured steps: the loss of step k is read once step k+1 is queued, so the host
     # prepares the next batch while the GPU still runs (a NaN is seen one step later;
     # in a captured step it is seen after the optimizer step anyway)
     pending = None  # (step, loss copy, batch size) not yet read
+    step = 0
     for step, (images, target) in enumerate(loader, start=1):
         if step > steps:
             step = steps
             break
         images = images.to(env.device, non_blocking=True)
-        target = target.to(env.device, non_blocking=True)
-        hard_target = target
+        hard_target = target = target.to(env.device, non_blocking=True)
         if mixup_fn is not None:
             images, target = mixup_fn(images, target)
-        lap("data")
+        clock.lap("data")
         if captured_step is not None:
             outputs, loss, grad_norm = captured_step(images, target)
             loss = loss.clone()  # the captured buffer is overwritten by the next replay
-            lap("step")
+            clock.lap("step")
             if pending is not None:
-                record_loss(pending[0], pending[1].item(), pending[2])
+                progress.record(pending[0], pending[1].item(), pending[2])
             pending = (step, loss, images.shape[0])
-            lap("wait")
+            clock.lap("wait")
         else:
-            outputs, loss_value = _forward_backward(model, images, target, criterion,
-                                                    optimizer, precision, distill)
-            record_loss(step, loss_value, images.shape[0])
-            precision.scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-            lap("step")
+            outputs, grad_norm = _eager_step(
+                model, images, target, criterion, optimizer, precision, distill, params, max_norm,
+                lambda value, at=step, n=images.shape[0]: progress.record(at, value, n))
+            clock.lap("step")
         scheduler.step()
         global_step += 1
         if ema is not None:
             ema.update(unwrap_model(model), step=global_step)
-        lap("ema")
-        with torch.no_grad():
-            finite = torch.isfinite(grad_norm)
-            sums += torch.cat([topk_hits(_logits(outputs).float(), hard_target, (1, k5)),
-                               torch.where(finite, grad_norm, 0.0).view(1).float(),
-                               finite.view(1).float()])
-        lap("metrics")
+        clock.lap("ema")
+        sums += _step_sums(outputs, hard_target, grad_norm, min(5, num_classes))
+        clock.lap("metrics")
     if pending is not None:
-        record_loss(pending[0], pending[1].item(), pending[2])
-        lap("wait")
-    bar.close()
+        progress.record(pending[0], pending[1].item(), pending[2])
+        clock.lap("wait")
+    progress.bar.close()
+    return _epoch_metrics(sums, progress.meter, step, time.perf_counter() - start, optimizer, global_step,
+                          clock, env)
+
+
+def _epoch_metrics(sums, meter: AverageMeter, steps: int, elapsed: float, optimizer, global_step: int,
+                   clock: _HostClock, env: DistEnv) -> dict:
     c1_local, c5_local, gn_sum, gn_count = sums.tolist()
-    elapsed = time.perf_counter() - start
-    loss_sum, c1_sum, c5_sum, count = all_reduce_sums(
-        [loss_m.sum, c1_local, c5_local, loss_m.count], env)
+    loss_sum, c1_sum, c5_sum, count = all_reduce_sums([meter.sum, c1_local, c5_local, meter.count], env)
     count = max(count, 1.0)
     return {"loss": loss_sum / count, "acc1": 100.0 * c1_sum / count,
-            "acc5": 100.0 * c5_sum / count, "images": int(count), "steps": step,
+            "acc5": 100.0 * c5_sum / count, "images": int(count), "steps": steps,
             "time_s": elapsed, "img_s": count / elapsed if elapsed > 0 else float("nan"),
             "grad_norm": gn_sum / gn_count if gn_count else float("nan"),
             "lr": optimizer.param_groups[0]["lr"], "global_step": global_step,
-            "host_ms": {k: 1000.0 * v / max(step, 1) for k, v in host.items()}}
+            "host_ms": {k: 1000.0 * v / max(steps, 1) for k, v in clock.seconds.items()}}
 
 
 def pad_batch(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:

@@ -64,3 +64,15 @@ def set_schedule_length(scheduler: LambdaLR, total_steps: int, warmup_steps: int
     so the cosine continues from where the new length puts it."""
     factor = lr_factor(total_steps, min(warmup_steps, total_steps // 2), lr, min_lr)
     scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+
+
+def epochs_within_limit(history: list[dict], time_limit: float) -> int | None:
+    """How many epochs in all end within ``time_limit`` seconds from the first step at
+    the median time of the epochs after the first, which compiles and warms up (None
+    before the second epoch). train.py's ``--fit-time-limit`` shortens the run to it."""
+    times = sorted(float(r["epoch_time_s"]) for r in history[1:])
+    if not times:
+        return None
+    per_epoch = times[len(times) // 2]
+    remaining = time_limit - float(history[-1]["elapsed_s"])
+    return int(history[-1]["epoch"]) + max(0, math.floor(remaining / per_epoch))

@@ -49,8 +49,8 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "silu": 2}
 # tiles are [block_w, block_c], block_w at most W rounded up to a power of two; a
 # conv-rows program walks rows_per_program output rows; the reduction kernel
 # carries sixteen float32 tiles down the rows, so its tiles are smaller; its warps
-# None = 8 for tiles of >= 2048, else 4. The best of bench_dwconv.py's sweep on an
-# H200 (eighth session, second sweep), weighted over GroupMamba-tiny's three
+# None = 8 for tiles of >= 2048, else 4. The values are the best of a launch-setting
+# sweep on an H200 (bench_dwconv.py), weighted over GroupMamba-tiny's three
 # feed-forward shapes; at 128 x 56 x 56 x 512: 0.65 / 0.90 / 0.82 ms for forward /
 # backward parts 1 and 2, against 0.88 / 0.93 / 1.31 ms for the one-row kernels
 # these replaced and 1.15 / 1.53 ms (forward / backward) for cuDNN with a GELU

@@ -10,14 +10,17 @@ side by side, and returns ``y`` in the same layout:
 with ``A: (G * K, 1)`` and ``D``, ``delta_bias``: ``(G * K,)``; ``delta`` goes
 through ``softplus(delta + delta_bias)``, as GroupMamba calls the scan.
 
-Two ways to compute it, equal up to float32 rounding:
+The ``backend`` argument names how (:data:`SCAN_BACKENDS`; all equal up to float32
+rounding), and :func:`resolve_backend` is the one place a request is resolved:
 
-- fused (CUDA tensors with Triton, one state, N = 1): one custom op whose Triton
-  kernels (:mod:`.triton_grid_scan`) walk each group's order over the maps in
-  place, forward and backward;
-- :func:`reference` (any device, any scan backend): each group gathered into its
-  order as ``(batch, G * K, L)`` sequences, the selective scan of
-  :mod:`kernels.selective_scan`, and ``y`` gathered back to the grid.
+- ``"grid"`` (CUDA tensors with Triton, one state, N = 1): one custom op whose
+  Triton kernels (:mod:`.triton_grid_scan`) walk each group's order over the maps
+  in place, forward and backward (:func:`fused_scan`);
+- ``"triton"``, ``"cuda"``, ``"torch"``: :func:`reference`: each group gathered
+  into its order as ``(batch, G * K, L)`` sequences, that backend's selective scan
+  (:mod:`kernels.selective_scan`), and ``y`` gathered back to the grid;
+- ``"auto"``: ``"grid"`` where it can run, else the sequence scans' own ``auto``
+  (the CUDA extension, then Triton, on a GPU; ``"torch"`` elsewhere).
 
 ``torch.compile`` traces the fused op (fake kernels, registered backward)
 without a graph break, and CUDA graphs can capture it.
@@ -26,15 +29,18 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import Sequence
 
 import torch
 
-from kernels.selective_scan import ENV_VAR, selective_scan_fn
+from kernels import selective_scan as sequence_scan
+from kernels.selective_scan import BackendUnavailableError, selective_scan_fn
 
-__all__ = ["DIRECTION_CODES", "HAS_TRITON", "can_fuse", "fused_scan", "fuses_backend", "reference",
+__all__ = ["DIRECTION_CODES", "HAS_TRITON", "SCAN_BACKENDS", "fused_scan", "reference", "resolve_backend",
            "selective_scan_grid", "step_positions"]
+
+# the values of GroupMamba's scan_backend (and of the scripts' --scan-backend)
+SCAN_BACKENDS = ("auto", "grid") + sequence_scan.BACKENDS
 
 # whether the fused path can run on a CUDA tensor (a module constant, so compiled
 # code reads it without a guard on anything but this module)
@@ -136,18 +142,32 @@ def _backward(ctx, dy, dstates):
 _fused_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fuses_backend(backend: str) -> bool:
-    """Whether the fused op may run for a scan ``backend`` request: Triton is installed and
-    the request leaves the choice to us (``auto``, unless ``GROUPMAMBA_SCAN_BACKEND``
-    names another backend) or asks for Triton."""
-    if backend == "auto":
-        backend = os.environ.get(ENV_VAR, "").strip().lower() or "auto"
-    return HAS_TRITON and backend in ("auto", "triton")
+def resolve_backend(backend: str, device: torch.device, n_state: int = 1,
+                    dtype: torch.dtype = torch.float32) -> str:
+    """The scan that runs for a ``backend`` request on ``device``: ``"grid"``, or the
+    sequence backend :func:`reference` runs (``"triton"``, ``"cuda"``, ``"torch"``).
 
-
-def can_fuse(u: torch.Tensor, A: torch.Tensor, backend: str = "auto") -> bool:
-    """Whether :func:`selective_scan_grid` runs the fused op on these inputs and ``backend``."""
-    return u.is_cuda and A.shape[-1] == 1 and u.dtype != torch.float64 and fuses_backend(backend)
+    ``"auto"`` is ``"grid"`` on CUDA with Triton for one state (``n_state`` 1) and
+    float32 or half precision, else the sequence scans' ``auto``. An explicit backend
+    that cannot run here raises :class:`BackendUnavailableError` saying what to do.
+    """
+    if backend not in SCAN_BACKENDS:
+        raise ValueError(f"unknown scan backend {backend!r}: expected one of {', '.join(SCAN_BACKENDS)}")
+    grid_fits = n_state == 1 and dtype != torch.float64
+    if backend == "auto" and device.type == "cuda" and HAS_TRITON and grid_fits:
+        return "grid"
+    if backend != "grid":
+        return sequence_scan.resolve_backend(backend, device)
+    if device.type != "cuda":
+        raise BackendUnavailableError(f"scan backend 'grid' needs a CUDA GPU, and this runs on {device.type}; "
+                                      "use --scan-backend auto (or torch) here")
+    if not HAS_TRITON:
+        raise BackendUnavailableError("scan backend 'grid' needs the 'triton' package (it ships with CUDA "
+                                      "builds of torch on Linux); use --scan-backend auto, cuda or torch")
+    if not grid_fits:
+        raise ValueError(f"scan backend 'grid' takes one state in float32 or half precision, got "
+                         f"N = {n_state} in {dtype}; use another backend")
+    return "grid"
 
 
 # ----------------------------------------------------------------------------------
@@ -242,7 +262,8 @@ class _ReorderSteps(torch.autograd.Function):
 
 def reference(u, delta, A, B, C, D, delta_bias, directions: Sequence[str], height: int, width: int,
               backend: str = "auto") -> torch.Tensor:
-    """:func:`selective_scan_grid` by gathering into scan order, any scan ``backend``."""
+    """:func:`selective_scan_grid` by gathering into scan order, with a sequence scan
+    ``backend`` of :mod:`kernels.selective_scan` (``auto``, ``triton``, ``cuda``, ``torch``)."""
     _check_shapes(u, delta, A, B, C, D, delta_bias, directions, height, width)
     batch, length, dim = u.shape
     groups = len(directions)
@@ -260,16 +281,14 @@ def reference(u, delta, A, B, C, D, delta_bias, directions: Sequence[str], heigh
 
 
 def selective_scan_grid(u, delta, A, B, C, D, delta_bias, directions: Sequence[str], height: int,
-                        width: int, backend: str = "auto", fused: bool = True) -> torch.Tensor:
+                        width: int, backend: str = "auto") -> torch.Tensor:
     """``y = scan(u, softplus(delta + delta_bias), A, B, C) + D u`` with group ``g`` in ``directions[g]``.
 
-    Shapes in the module docstring. ``fused`` runs the fused op where
-    :func:`can_fuse` holds: CUDA tensors, Triton, one state, and ``backend``
-    ``"auto"`` (unless ``GROUPMAMBA_SCAN_BACKEND`` names another backend) or
-    ``"triton"``. Elsewhere, and with ``fused=False``, :func:`reference` with the
-    scan ``backend`` (an explicit ``"cuda"`` runs the CUDA extension). Returns
-    float32 (float64 for float64 inputs) ``(batch, H * W, G * K)``.
+    Shapes in the module docstring; ``backend`` one of :data:`SCAN_BACKENDS`, resolved
+    by :func:`resolve_backend`. Returns float32 (float64 for float64 inputs)
+    ``(batch, H * W, G * K)``.
     """
-    if fused and can_fuse(u, A, backend):
+    name = resolve_backend(backend, u.device, A.shape[-1], u.dtype)
+    if name == "grid":
         return fused_scan(u, delta, A, B, C, D, delta_bias, directions, height, width)
-    return reference(u, delta, A, B, C, D, delta_bias, directions, height, width, backend)
+    return reference(u, delta, A, B, C, D, delta_bias, directions, height, width, name)

@@ -29,12 +29,6 @@ tile transposed (steps along axis 0):
   all of them, added with relaxed atomics otherwise. ``dA``, ``dD`` and
   ``ddelta_bias`` are summed over the steps in registers and written per batch
   element; the host adds those partial sums (deterministic).
-- chunk-parallel (``CONFIG["fwd_chunk_parallel"]``, ``["bwd_chunk_parallel"]``):
-  one program per chunk instead of one walking all of them. A first kernel scans
-  each chunk on its own (forward: ``h_out = P h_in + H``; backward, the adjoint
-  at its first step: ``g = P g_in + G``), a second combines those summaries in
-  order into the value entering each chunk (the forward's are the states the
-  backward needs), and the main kernel then runs each chunk from it.
 """
 import os
 
@@ -58,14 +52,11 @@ __all__ = ["CONFIG", "backward_chunk", "grid_scan_fwd", "grid_scan_bwd"]
 # launch configuration (module-level so that bench/bench_grid_scan.py can sweep it):
 # a tile is [block_t, block_c]; block_c at most the group's channels rounded up to
 # a power of two; block_t at most L rounded up. The backward keeps ~15 float32
-# tiles live. The best of the second sweep on an H200 (ninth session), weighted
-# over groupmamba_tiny's four stage shapes: small tiles, i.e. more programs, win.
-# *_chunk_parallel run one program per chunk instead of one per sequence (more
-# programs still, for stages 1 and 2, whose sequences are long); written after the
-# last device run of the ninth session, so not timed yet and off.
+# tiles live. The values are the best of a launch-setting sweep on an H200
+# (bench/bench_grid_scan.py), weighted over groupmamba_tiny's four stage shapes:
+# small tiles, i.e. more programs, win.
 CONFIG = {"fwd_block_t": 32, "fwd_block_c": 16, "fwd_warps": 4,
-          "bwd_block_t": 64, "bwd_block_c": 8, "bwd_warps": 4,
-          "fwd_chunk_parallel": False, "bwd_chunk_parallel": False}
+          "bwd_block_t": 64, "bwd_block_c": 8, "bwd_warps": 4}
 
 
 @triton.jit
@@ -127,22 +118,12 @@ def _decay_next(delta_ptr, bias, a, b, t, L, H, W, code, ch, c_ok, sd_b, sd_l):
 def _grid_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_ptr, state_ptr,
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      L, H, W, K, G, codes, n_tiles, state_t, n_state_chunks,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATES: tl.constexpr,
-                     CHUNK_PARALLEL: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, SAVE_STATES: tl.constexpr):
     b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
     dim = G * K
     steps = tl.arange(0, BLOCK_T)
-    if CHUNK_PARALLEL:
-        # only chunk program_id(1), from the state entering it (_combine_chunks_kernel)
-        chunk = tl.program_id(1)
-        lo = chunk * BLOCK_T
-        hi = lo + BLOCK_T
-        h_carry = tl.load(state_ptr + (b * n_state_chunks + chunk) * dim + ch, mask=c_ok, other=0.0)
-    else:
-        lo = 0
-        hi = L
-        h_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for start in range(lo, hi, BLOCK_T):
+    h_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, L, BLOCK_T):
         t = start + steps
         t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
             u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, t, L, H, W, code, ch, c_ok,
@@ -167,33 +148,20 @@ def _grid_fwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, y_p
 
 @triton.jit
 def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr,
-                     du_ptr, ddelta_ptr, dB_ptr, dC_ptr, part_ptr, state_ptr, carry_ptr,
+                     du_ptr, ddelta_ptr, dB_ptr, dC_ptr, part_ptr, state_ptr,
                      su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
                      batch, L, H, W, K, G, codes, n_tiles, n_chunks,
-                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC_BC: tl.constexpr,
-                     CHUNK_PARALLEL: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ATOMIC_BC: tl.constexpr):
     b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
     dim = G * K
     steps = tl.arange(0, BLOCK_T)
 
-    # chunks last to first, from the state entering each that the forward stored: all of
-    # them, or (CHUNK_PARALLEL) only chunk program_id(1), with the adjoint entering it from
-    # the right that _combine_chunks_kernel combined
-    if CHUNK_PARALLEL:
-        chunk = tl.program_id(1)
-        first = n_chunks - 1 - chunk
-        last = first + 1
-        part_row = b * n_chunks + chunk
-        g_carry = tl.load(carry_ptr + part_row * dim + ch, mask=c_ok, other=0.0)
-    else:
-        first = 0
-        last = n_chunks
-        part_row = b
-        g_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
+    # chunks last to first, from the state entering each that the forward stored
+    g_carry = tl.zeros([BLOCK_C], dtype=tl.float32)
     dA_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dD_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
     dbias_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for kk in range(first, last):
+    for kk in range(0, n_chunks):
         k = n_chunks - 1 - kk
         t = k * BLOCK_T + steps
         t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
@@ -233,83 +201,11 @@ def _grid_bwd_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, dy_
             tl.store(dB_ptr + bc_off, dB.to(dB_ptr.dtype.element_ty), mask=t_ok)
             tl.store(dC_ptr + bc_off, dC.to(dC_ptr.dtype.element_ty), mask=t_ok)
 
-    # partial sums per batch element (and chunk); the host adds them up
-    rows = batch * n_chunks if CHUNK_PARALLEL else batch
-    part = part_row * dim + ch
+    # partial sums per batch element; the host adds them up
+    part = b * dim + ch
     tl.store(part_ptr + part, dA_acc, mask=c_ok)
-    tl.store(part_ptr + rows * dim + part, dD_acc, mask=c_ok)
-    tl.store(part_ptr + 2 * rows * dim + part, dbias_acc, mask=c_ok)
-
-
-@triton.jit
-def _grid_bwd_summary_kernel(delta_ptr, A_ptr, C_ptr, D_ptr, bias_ptr, dy_ptr, summary_ptr,
-                             sd_b, sd_l, sC_b, sC_l, batch, L, H, W, K, G, codes, n_tiles, n_chunks,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chunk ``program_id(1)`` of the adjoint scan on its own (zero entering from the right):
-    the product of its decays and its adjoint at its first step, ``g = P g_in + G``."""
-    b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
-    dim = G * K
-    chunk = tl.program_id(1)
-    steps = tl.arange(0, BLOCK_T)
-    t = chunk * BLOCK_T + steps
-    t_ok = t < L
-    pos = _grid_positions(t, L, H, W, code)
-    m = t_ok[:, None] & c_ok[None, :]
-    Cv = tl.load(C_ptr + b * sC_b + pos * sC_l + group, mask=t_ok, other=0.0).to(tl.float32)
-    dy = tl.load(dy_ptr + (b * L + pos[:, None]) * dim + ch[None, :], mask=m, other=0.0)
-    decay_next = _decay_next(delta_ptr, bias, a, b, t, L, H, W, code, ch, c_ok, sd_b, sd_l)
-    rev_a, rev_b = tl.associative_scan((decay_next, Cv[:, None] * dy), axis=0, combine_fn=_lin_combine,
-                                       reverse=True)
-    at = (b * n_chunks + chunk) * dim + ch
-    tl.store(summary_ptr + at, tl.sum(tl.where(steps[:, None] == 0, rev_a, 0.0), axis=0), mask=c_ok)
-    tl.store(summary_ptr + batch * n_chunks * dim + at, tl.sum(tl.where(steps[:, None] == 0, rev_b, 0.0), axis=0),
-             mask=c_ok)
-
-
-@triton.jit
-def _grid_fwd_summary_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, summary_ptr,
-                             su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l,
-                             batch, L, H, W, K, G, codes, n_tiles, n_chunks,
-                             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chunk ``program_id(1)`` of the forward scan on its own (zero state entering): the
-    product of its decays and its final state, ``h_out = P h_in + H``."""
-    b, group, code, ch, c_ok, a, d, bias = _program_tile(A_ptr, D_ptr, bias_ptr, K, G, codes, n_tiles, BLOCK_C)
-    dim = G * K
-    chunk = tl.program_id(1)
-    steps = tl.arange(0, BLOCK_T)
-    t_ok, pos, m, u, x, dt, Bv, Cv, decay = _load_chunk(
-        u_ptr, delta_ptr, B_ptr, C_ptr, bias, a, b, chunk * BLOCK_T + steps, L, H, W, code, ch, c_ok,
-        su_b, su_l, sd_b, sd_l, sB_b, sB_l, sC_b, sC_l, group)
-    acc_a, acc_b = tl.associative_scan((decay, dt * Bv[:, None] * u), axis=0, combine_fn=_lin_combine)
-    # padded steps are identities, so the last row is the whole chunk's
-    at = (b * n_chunks + chunk) * dim + ch
-    last = steps[:, None] == BLOCK_T - 1
-    tl.store(summary_ptr + at, tl.sum(tl.where(last, acc_a, 0.0), axis=0), mask=c_ok)
-    tl.store(summary_ptr + batch * n_chunks * dim + at, tl.sum(tl.where(last, acc_b, 0.0), axis=0), mask=c_ok)
-
-
-@triton.jit
-def _combine_chunks_kernel(summary_ptr, out_ptr, batch, dim, n_chunks, REVERSE: tl.constexpr,
-                           BLOCK: tl.constexpr):
-    """For each (image, channel), walk the chunk summaries ``(P, V)`` in order (last to first
-    with ``REVERSE``) and write the value entering each chunk: ``out_k = c``, then
-    ``c = V_k + P_k c`` from ``c = 0``: the forward state, or the backward's adjoint.
-    ``out`` may be the summary's ``P`` (each is read before it is written)."""
-    lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = lane < batch * dim
-    b = (lane // dim).to(tl.int64)
-    ch = lane % dim
-    carry = tl.zeros([BLOCK], dtype=tl.float32)
-    for i in range(0, n_chunks):
-        if REVERSE:
-            k = n_chunks - 1 - i
-        else:
-            k = i
-        at = (b * n_chunks + k) * dim + ch
-        product = tl.load(summary_ptr + at, mask=ok, other=0.0)
-        value = tl.load(summary_ptr + batch * n_chunks * dim + at, mask=ok, other=0.0)
-        tl.store(out_ptr + at, carry, mask=ok)
-        carry = value + product * carry
+    tl.store(part_ptr + batch * dim + part, dD_acc, mask=c_ok)
+    tl.store(part_ptr + 2 * batch * dim + part, dbias_acc, mask=c_ok)
 
 
 # ----------------------------------------------------------------------------------
@@ -357,35 +253,11 @@ def grid_scan_fwd(u, delta, A, B, C, D, delta_bias, codes: int, height: int, wid
     n_tiles = triton.cdiv(per_group, block_c)
     n_prog = batch * groups * n_tiles
     strides = (*_row_strides(u), *_row_strides(delta), *_row_strides(B), *_row_strides(C))
-    # chunk-parallel: one program per chunk (of the backward's length when it needs the
-    # states, which the combining kernel then writes), the state entering each first
-    # combined from per-chunk summaries (u, delta and B read twice)
-    chunk_t = state_t or block_t
-    n_chunks = triton.cdiv(length, chunk_t)
-    if CONFIG["fwd_chunk_parallel"] and n_chunks > 1:
-        entering = states if state_t else torch.empty((batch, n_chunks, dim), dtype=torch.float32, device=u.device)
-        summary = torch.empty((2, batch, n_chunks, dim), dtype=torch.float32, device=u.device)
-        _grid_fwd_summary_kernel[(n_prog, n_chunks)](
-            u, delta, A, B, C, D, delta_bias, summary, *strides,
-            batch, length, height, width, per_group, groups, codes, n_tiles, n_chunks,
-            BLOCK_T=chunk_t, BLOCK_C=block_c, num_warps=warps)
-        _combine_chunks(summary, entering, batch, dim, n_chunks, reverse=False)
-        _grid_fwd_kernel[(n_prog, n_chunks)](
-            u, delta, A, B, C, D, delta_bias, y, entering, *strides,
-            length, height, width, per_group, groups, codes, n_tiles, chunk_t, n_chunks,
-            BLOCK_T=chunk_t, BLOCK_C=block_c, SAVE_STATES=False, CHUNK_PARALLEL=True, num_warps=warps)
-        return y, states
     _grid_fwd_kernel[(n_prog,)](
         u, delta, A, B, C, D, delta_bias, y, states, *strides,
         length, height, width, per_group, groups, codes, n_tiles, max(state_t, 1), n_state_chunks,
-        BLOCK_T=block_t, BLOCK_C=block_c, SAVE_STATES=state_t > 0, CHUNK_PARALLEL=False, num_warps=warps)
+        BLOCK_T=block_t, BLOCK_C=block_c, SAVE_STATES=state_t > 0, num_warps=warps)
     return y, states
-
-
-def _combine_chunks(summary: torch.Tensor, out: torch.Tensor, batch: int, dim: int, n_chunks: int,
-                    reverse: bool) -> None:
-    _combine_chunks_kernel[(triton.cdiv(batch * dim, 128),)](summary, out, batch, dim, n_chunks,
-                                                             REVERSE=reverse, BLOCK=128)
 
 
 def grid_scan_bwd(dy, u, delta, A, B, C, D, delta_bias, states, codes: int, height: int, width: int,
@@ -409,26 +281,15 @@ def grid_scan_bwd(dy, u, delta, A, B, C, D, delta_bias, states, codes: int, heig
                                                   device=dev)
     dC = (torch.zeros if atomic else torch.empty)((batch, length, groups), dtype=f32 if atomic else C.dtype,
                                                   device=dev)
-    # chunk-parallel: one program per chunk, the adjoint entering each combined first
-    # from per-chunk summaries (two small extra kernels; dy, C and delta read twice)
-    split = CONFIG["bwd_chunk_parallel"] and n_chunks > 1
-    partial_sums = torch.zeros((3, batch * (n_chunks if split else 1), dim), dtype=f32, device=dev)
+    partial_sums = torch.zeros((3, batch, dim), dtype=f32, device=dev)
     if du.numel() > 0:
         n_prog = batch * groups * n_tiles
-        carry = states  # unused unless split
-        if split:
-            carry = torch.empty((2, batch, n_chunks, dim), dtype=f32, device=dev)
-            _grid_bwd_summary_kernel[(n_prog, n_chunks)](
-                delta, A, C, D, delta_bias, dy, carry, *_row_strides(delta), *_row_strides(C),
-                batch, length, height, width, per_group, groups, codes, n_tiles, n_chunks,
-                BLOCK_T=state_t, BLOCK_C=block_c, num_warps=warps)
-            _combine_chunks(carry, carry, batch, dim, n_chunks, reverse=True)
-        _grid_bwd_kernel[(n_prog, n_chunks if split else 1)](
+        _grid_bwd_kernel[(n_prog, 1)](
             u, delta, A, B, C, D, delta_bias, dy,
-            du, ddelta, dB, dC, partial_sums, states, carry,
+            du, ddelta, dB, dC, partial_sums, states,
             *_row_strides(u), *_row_strides(delta), *_row_strides(B), *_row_strides(C),
             batch, length, height, width, per_group, groups, codes, n_tiles, n_chunks,
-            BLOCK_T=state_t, BLOCK_C=block_c, ATOMIC_BC=atomic, CHUNK_PARALLEL=split, num_warps=warps)
+            BLOCK_T=state_t, BLOCK_C=block_c, ATOMIC_BC=atomic, num_warps=warps)
     dA, dD, dbias = (part.sum(0) for part in partial_sums)  # separate tensors: op outputs may not alias
     return (du, ddelta, dA.view(A.shape).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
             dD.to(D.dtype), dbias.to(delta_bias.dtype))

@@ -9,13 +9,12 @@ Backends share one signature (see :func:`selective_scan_fn`):
 - ``"triton"``: Triton kernels, no build step, CUDA tensors only.
 - ``"cuda"``: compiled extension, ``pip install ./kernels/selective_scan``.
 
-``backend="auto"`` honours the ``GROUPMAMBA_SCAN_BACKEND`` environment variable,
-then picks the CUDA extension, then Triton (for CUDA tensors), then the reference.
+``backend="auto"`` picks the CUDA extension, then Triton (for CUDA tensors), then
+the reference. The choice is the caller's: nothing here reads the environment.
 """
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from typing import Callable, Optional
 
@@ -23,7 +22,6 @@ import torch
 
 __all__ = [
     "BACKENDS",
-    "ENV_VAR",
     "BackendUnavailableError",
     "available_backends",
     "resolve_backend",
@@ -31,7 +29,6 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "triton", "cuda")
-ENV_VAR = "GROUPMAMBA_SCAN_BACKEND"
 
 # module, function name and the command that makes the backend importable
 _BACKEND_SOURCES = {
@@ -82,12 +79,6 @@ def _unavailable(name: str, why: str, fix: Optional[str] = None) -> BackendUnava
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn ``backend`` (``auto`` or a name) into the name of a backend that can run."""
     global _warned_fallback
-    if backend == "auto":
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
-        if forced and forced != "auto":
-            if forced not in BACKENDS:
-                raise ValueError(f"{ENV_VAR}={forced!r}: expected one of auto, {', '.join(BACKENDS)}")
-            backend = forced
     if backend == "auto":
         if device.type != "cuda":
             return "torch"

@@ -1,0 +1,172 @@
+"""Speed decisions in one place: which scan runs, what is compiled, which steps are
+replayed from CUDA graphs, how much activation memory is kept.
+
+:func:`plan_speed` turns the requested settings into a :class:`SpeedPlan` once, before
+the model is built; train.py logs it, records it in ``args.json`` and passes it down.
+The helpers below carry it out: :func:`compile_regions` (regional compilation of the
+model and its EMA) and :func:`cuda_graph_runners` (the captured training step and
+validation forwards, :mod:`utils.cuda_graphs`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch._functorch.config as functorch_config
+
+from kernels.grid_scan import resolve_backend
+from models import is_groupmamba
+from utils.cuda_graphs import CapturedForward, CapturedTrainStep
+
+__all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "compile_blocks", "compile_regions", "compile_seconds",
+           "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds", "plan_speed"]
+
+# the compiler's activation memory budget in low-memory mode: below 1 its partitioner
+# recomputes cheap activations in the backward instead of keeping them (same numerics)
+LOW_MEMORY_BUDGET = 0.9
+
+
+@dataclass(frozen=True)
+class SpeedPlan:
+    """What runs: the resolved scan backend and the speed options that are on."""
+    scan_backend: Optional[str]  # grid, triton, cuda or torch; None for a model without scans
+    compile: bool
+    cuda_graph: bool
+    low_memory: bool
+    notes: tuple[str, ...] = ()  # why a requested option is off
+
+    def describe(self) -> str:
+        on = [name for name, flag in (("compiled blocks", self.compile), ("CUDA graphs", self.cuda_graph),
+                                      ("low memory", self.low_memory)) if flag]
+        scan = f"scan backend {self.scan_backend}; " if self.scan_backend else ""
+        return scan + (", ".join(on) if on else "eager")
+
+    def optimizer_options(self) -> dict:
+        """AdamW options a captured step needs: its state on the GPU, a device-side lr."""
+        return dict(fused=True, capturable=True) if self.cuda_graph else {}
+
+
+def cuda_graph_problem(device: torch.device, distributed: bool, data_parallel: bool,
+                       grad_scaling: bool, teacher: bool) -> Optional[str]:
+    """Why CUDA-graph capture of train.py's steps cannot be used in this setup, or None."""
+    if device.type != "cuda":
+        return "it needs a CUDA device"
+    if distributed or data_parallel:
+        return "it runs in a single process on one GPU only"
+    if grad_scaling:
+        return "fp16's GradScaler synchronises with the host every step (use --amp bf16)"
+    if teacher:
+        return "distillation runs the teacher outside the captured step"
+    return None
+
+
+def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
+    """The speed options that will run for ``config`` on ``env``'s device. Raises
+    ``kernels.selective_scan.BackendUnavailableError`` for a scan backend that cannot run."""
+    notes = []
+    # resolving imports the scan kernels now: an import inside compiled code breaks the graph
+    backend = resolve_backend(config.scan_backend, env.device) if is_groupmamba(config.model) else None
+    cuda_graph = config.cuda_graph
+    problem = cuda_graph_problem(env.device, env.distributed, env.data_parallel, grad_scaling,
+                                 config.teacher is not None)
+    if cuda_graph and problem:
+        notes.append(f"--cuda-graph is off: {problem}")
+        cuda_graph = False
+    compile_ = config.compile
+    if compile_ and env.data_parallel:
+        # DataParallel's replicas would call the compiled code bound to the original module
+        notes.append("--compile is off under DataParallel (for several GPUs and compiling, use "
+                     "torchrun --nproc_per_node=N)")
+        compile_ = False
+    return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, tuple(notes))
+
+
+def compile_regions(modules, plan: SpeedPlan) -> list[str]:
+    """Compile the blocks of each module in place (static shapes: training batches all have
+    one size, validation pads its last batch); returns the regions of the last one."""
+    functorch_config.activation_memory_budget = LOW_MEMORY_BUDGET if plan.low_memory else 1.0
+    regions: list[str] = []
+    for module in modules:
+        regions = compile_blocks(module, dynamic=False)
+    return regions
+
+
+def cuda_graph_runners(plan: SpeedPlan, model: torch.nn.Module, ema_module: Optional[torch.nn.Module],
+                       loss_fn: Callable, optimizer: torch.optim.Optimizer, precision, clip_grad: float):
+    """``(captured training step or None, {"model": ..., "ema": ...} evaluation runners)``:
+    with CUDA graphs the step and the forwards are captured after their first calls,
+    else the plain modules."""
+    runners = {"model": model, "ema": ema_module}
+    if not plan.cuda_graph:
+        return None, runners
+    step = CapturedTrainStep(model, loss_fn, optimizer, precision.dtype, precision.enabled,
+                             clip_grad if clip_grad > 0 else math.inf)
+    return step, {name: None if m is None else CapturedForward(m, precision.dtype, precision.enabled)
+                  for name, m in runners.items()}
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> list[str]:
+    """Regional compilation: ``torch.compile`` each repeated block in place.
+
+    Compiling the whole model traces every block separately; compiling each block lets
+    blocks of one shape share one compiled graph (parameters are graph inputs), so
+    compile time grows with the number of distinct block shapes, not the depth. For
+    GroupMamba the regions are the stem, the downsampling layers, the GroupMambaBlocks
+    and the ClassBlock; for other timm models the members of ``blocks``/``stages``
+    lists, or the whole model when it has neither. In place: state-dict keys do not
+    change (no ``_orig_mod.`` prefix), and a copy made later (an EMA) is compiled too.
+    Returns the names of the compiled modules.
+
+    Inductor pads every matmul to sizes that are multiples of 8 (``force_shape_pad``)
+    unless a compile ``mode`` is given (torch.compile takes a mode or options, not
+    both): GroupMamba-T's stage 3 is 348 channels wide, and unpadded, cuBLAS has only
+    slow unaligned kernels for those GEMMs (bench/RESULTS.md).
+    """
+    if compile_kwargs.get("backend", "inductor") == "inductor" and "mode" not in compile_kwargs:
+        compile_kwargs["options"] = {"force_shape_pad": True, **compile_kwargs.get("options", {})}
+    from models.groupmamba import ClassBlock, Downsample, GroupMambaBlock, Stem
+    regions = (GroupMambaBlock, ClassBlock, Stem, Downsample)
+    compiled = []
+    for name, module in model.named_modules():
+        if any(name.startswith(outer + ".") for outer in compiled):
+            continue  # inside a region already compiled (e.g. stages.0.blocks.1)
+        in_block_list = name.rsplit(".", 1)[-1].isdigit() and name.split(".")[-2:-1] in (["blocks"], ["stages"])
+        if isinstance(module, regions) or in_block_list:
+            module.compile(**compile_kwargs)
+            compiled.append(name)
+    if not compiled:
+        model.compile(**compile_kwargs)
+        compiled.append("")
+    return compiled
+
+
+# torch's dynamo_timed totals: whole-frame compiles (tracing, AOT autograd and the
+# forward graphs), the backward graphs (compiled at the first backward) and, inside
+# both, the wait for the Triton kernels built in worker processes
+_COMPILE_PHASES = {"_compile.compile_inner": "frames",
+                   "backward._backward_impl": "backward",
+                   "async_compile.wait": "kernel_builds"}
+
+
+def compile_seconds() -> dict[str, float]:
+    """Seconds spent compiling in this process so far, by phase (see _COMPILE_PHASES);
+    empty when this torch does not report them."""
+    try:
+        from torch._dynamo.utils import compile_times
+        headers, values = compile_times(repr="csv", aggregate=True)
+    except Exception:  # a private API: a torch without it just gets no figures
+        return {}
+    totals = dict(zip(headers, values))
+    return {name: float(totals[key]) for key, name in _COMPILE_PHASES.items() if key in totals}
+
+
+def describe_compile_seconds(seconds: dict[str, float]) -> str:
+    """A log line's worth of :func:`compile_seconds`."""
+    if not seconds:
+        return "no compile times reported"
+    total = seconds.get("frames", 0.0) + seconds.get("backward", 0.0)
+    return (f"{total:.1f} s compiling ({seconds.get('frames', 0.0):.1f} s tracing and "
+            f"forward graphs, {seconds.get('backward', 0.0):.1f} s backward graphs; "
+            f"{seconds.get('kernel_builds', 0.0):.1f} s of it waiting for Triton kernel builds)")
