@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The checks to run on a machine with a CUDA GPU, one after another so that timings
+# have the GPU to themselves:
+#   1. the GPU tests (they skip themselves on a CPU-only machine);
+#   2. bench/bench_model.py on the default fast path (--compile --cuda-graph), which
+#      updates bench/results/<gpu>.json with the headline keys (train_img_s_tiny_224_bs128, ...).
+# Logs and the kernel table go to $OUT. Run from the repository root:
+#   bash bench/gpu_checks.sh
+#   OUT=gpu_logs TESTS="tests/test_grid_scan.py" BENCH="--models groupmamba_small" bash bench/gpu_checks.sh
+# Settings (environment, defaults in brackets): OUT [gpu_logs]; TESTS [the GPU test
+# files]; BENCH [extra bench_model.py flags]; JSON [bench/results/<gpu kind>.json];
+# GROUPMAMBA_REFERENCE_DIR [../shared/reference: the official outputs the model tests
+# compare against]. The exit code is that of the tests, else of the benchmark.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}
+TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py}
+BENCH=${BENCH:-}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((k for k in ('h200', 'h100', 'a100') if k in n.lower()), 'gpu'))") || exit 1
+JSON=${JSON:-bench/results/$gpu.json}
+{ nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/machine.txt"
+
+# shellcheck disable=SC2086
+python3 -m pytest -q -rfEs $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
+tests=${PIPESTATUS[0]}
+
+# shellcheck disable=SC2086
+python3 bench/bench_model.py --compile --cuda-graph --json "$JSON" --kernels-json "$OUT/kernels.json" $BENCH \
+    2>&1 | tee "$OUT/bench_model.log"
+bench=${PIPESTATUS[0]}
+cp "$JSON" "$OUT/" 2>/dev/null
+[ "$tests" -ne 0 ] && exit "$tests"
+exit "$bench"
