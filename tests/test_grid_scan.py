@@ -185,6 +185,39 @@ def test_triton_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRETER_CHECK)
 
 
+_LAYER_CHECK = r"""
+import torch
+from kernels import grid_scan
+from models.groupmamba import GroupMambaLayer
+
+# the interpreter runs the kernels on CPU tensors; let "grid" resolve there as on a GPU
+resolve = grid_scan.resolve_backend
+grid_scan.resolve_backend = lambda backend, device, *rest: "grid" if backend == "grid" else resolve(backend, device, *rest)
+fused, calls = grid_scan.fused_scan, []
+grid_scan.fused_scan = lambda *a, **k: calls.append(1) or fused(*a, **k)
+x = torch.randn(2, 5 * 6, 32)
+results = []
+for backend in ("grid", "torch"):
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(32, 32, scan_backend=backend)
+    xx = x.clone().requires_grad_()
+    out = layer(xx, 5, 6)
+    out.square().mean().backward()
+    results.append([out.detach(), xx.grad] + [p.grad for p in layer.parameters()])
+worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item() for a, b in zip(*results))
+print("WORST", worst)
+assert calls == [1], calls  # the grid layer ran the fused op once, the torch one never
+assert worst < 1e-4, worst
+"""
+
+
+@pytest.mark.skipif(not grid_scan.HAS_TRITON, reason="triton is not installed")
+def test_layer_with_the_grid_backend_in_interpreter():
+    """GroupMambaLayer(scan_backend="grid") runs the fused grid scan and matches the
+    pure-PyTorch backend, forward and every gradient (the wiring the GPU runs)."""
+    run_in_triton_interpreter(_LAYER_CHECK)
+
+
 # --------------------------------------------------------------------------- GPU
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and grid_scan.HAS_TRITON),
