@@ -21,13 +21,11 @@ Times are ``triton.testing.do_bench`` medians in ms.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-from bench_dwconv import best_config, launch_configs, median_ms, write_result  # noqa: E402
+from bench_dwconv import best_config, launch_configs, median_ms, write_result
 
 # (batch, H = W, channels a group, dt_rank) of groupmamba_tiny's GroupMambaLayers
 SHAPES = {"stage1": (128, 56, 16, 1), "stage2": (128, 28, 32, 2), "stage3": (128, 14, 87, 6),

@@ -17,7 +17,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
