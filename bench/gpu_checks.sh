@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
-TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py}
+TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py tests/test_scan_ops.py tests/test_triton_compile.py}
 BENCH=${BENCH:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
