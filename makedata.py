@@ -11,18 +11,26 @@ to train/. A class's split therefore depends only on its own files, the seed and
 the fraction. Every image is decoded once first: non-image files and unreadable
 images are reported and left out.
 
-Safety: an existing --dst is never touched without --force, and even then only
-when it looks like a split (only train/, val/ and split.json in it). The new
-split is built in a hidden temporary folder next to --dst and renamed into place;
-with --force the old split is moved aside and deleted only after the new one is
-in place. An interrupted run leaves --dst as it was. ``<dst>/split.json`` records
-the source, seed, fraction and every file of each part.
+Safety: an existing non-empty --dst is never touched without --force, and even
+then only when it is a split this script made and nothing else: its split.json must
+carry ``"made_by": "makedata.py"`` with the current ``"format"``, and every entry
+in --dst (hidden ones and folders included) must be split.json, a file it lists
+under ``"files"`` or a folder holding such files. Anything else (a .git folder, a
+.env file, your own files in train/ or val/, a split.json that is missing,
+unreadable or from an older version) makes it refuse and name what would be lost;
+listed files that are gone since are no loss and do not stop it. The new split is
+built in a hidden temporary folder next to --dst and renamed into place; with
+--force the old split is moved aside and deleted only after the new one is in
+place. An interrupted run leaves --dst as it was. ``<dst>/split.json`` records the
+source, seed, fraction, every file of each part and, under ``"files"``, the path
+of every file written, relative to --dst (links included).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import random
@@ -30,7 +38,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -39,6 +47,7 @@ from utils.images import ImageReadError, atomic_write_json, open_rgb, scan_image
 PROG = "makedata.py"
 SPLITS = ("train", "val")
 SPLIT_FILE = "split.json"
+SPLIT_FORMAT = 2                # split.json with "made_by" and "files"
 LINK_MODES = ("copy", "hardlink", "symlink")
 MAX_LISTED = 20
 
@@ -68,9 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     io.add_argument("--dst", default="data",
                     help="output folder; gets train/<class>, val/<class> and split.json")
     io.add_argument("--force", action="store_true",
-                    help="replace an existing --dst (only if it looks like a split made "
-                         "by this script; the old one is removed after the new one is "
-                         "in place)")
+                    help="replace an existing --dst, only if it holds nothing but a "
+                         "split this script made (its split.json and the files that "
+                         "lists); any other entry, hidden ones included, makes it refuse. "
+                         "The old split is removed after the new one is in place")
     io.add_argument("--link", choices=LINK_MODES, default="copy",
                     help="how files get into --dst: copied, hard-linked (same file "
                          "system only) or symlinked (relative links to --src)")
@@ -161,11 +171,82 @@ def _is_within(path: Path, other: Path) -> bool:
     return path == other or other in path.parents
 
 
-def looks_like_split(folder: Path) -> bool:
-    """True when ``folder`` holds nothing but train/, val/ and split.json
-    (hidden files aside): a split made by this script or by the tutorial's."""
-    names = {n for n in os.listdir(folder) if not n.startswith(".")}
-    return bool(names) and names <= {*SPLITS, SPLIT_FILE}
+def recorded_files(dst: Path) -> tuple[set[str] | None, str]:
+    """``(paths, "")``: what ``dst/split.json`` says this script wrote there (itself
+    included, relative to ``dst``), or ``(None, why not)`` when it is not such a record."""
+    path = dst / SPLIT_FILE
+    if path.is_symlink() or not path.is_file():
+        return None, f"no {SPLIT_FILE} file"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None, f"{SPLIT_FILE} is not readable JSON"
+    if not isinstance(record, dict) or record.get("made_by") != PROG:
+        return None, (f"{SPLIT_FILE} has no \"made_by\": \"{PROG}\" marker, so an older "
+                      f"{PROG} or another tool wrote it")
+    files = record.get("files")
+    if (record.get("format") != SPLIT_FORMAT or not isinstance(files, list)
+            or not all(isinstance(f, str) for f in files)):
+        return None, f"{SPLIT_FILE} is not format {SPLIT_FORMAT} with a file list"
+    return {*files, SPLIT_FILE}, ""
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def walk_entries(folder: Path) -> tuple[set[str], set[str]]:
+    """``(folders, others)``: relative POSIX paths of every entry under ``folder``,
+    hidden ones included. Links are listed, never followed."""
+    folders, others = set(), set()
+    # an unreadable sub-folder must stop the check, not hide what is in it
+    for root, dirnames, filenames in os.walk(folder, onerror=_raise):
+        base = Path(root).relative_to(folder)
+        for name in dirnames + filenames:
+            is_folder = (Path(root) / name).is_dir() and not (Path(root) / name).is_symlink()
+            (folders if is_folder else others).add((base / name).as_posix())
+    return folders, others
+
+
+def unexpected_entries(folder: Path, ours: set[str]) -> list[str]:
+    """What deleting ``folder`` would lose beyond ``ours`` (files written there):
+    one item per top-most foreign entry, shown as its only file or empty folder
+    (folders end in "/"), or as ``"<folder>/ (<n> entries)"``."""
+    our_folders = {p.as_posix() for rel in ours for p in PurePosixPath(rel).parents}
+    folders, others = walk_entries(folder)
+    foreign_folders = folders - our_folders
+    not_empty = {p.rsplit("/", 1)[0] for p in folders | others if "/" in p}
+    leaves = sorted(others - ours) + sorted(f + "/" for f in foreign_folders - not_empty)
+    groups: dict[str, list[str]] = {}
+    for leaf in sorted(leaves):
+        parts = leaf.rstrip("/").split("/")
+        tops = ("/".join(parts[:i]) for i in range(1, len(parts)))
+        top = next((t + "/" for t in tops if t in foreign_folders), leaf)
+        groups.setdefault(top, []).append(leaf)
+    return [found[0] if len(found) == 1 else f"{top} ({len(found)} entries)"
+            for top, found in groups.items()]
+
+
+def _listing(items: list[str], shown: int = 5) -> str:
+    rest = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + rest
+
+
+def check_replaceable(dst: Path) -> None:
+    """Raise ``SplitError`` unless everything in ``dst`` is a split this script
+    made: its split.json and files that lists (a listed file gone since is no loss)."""
+    ours, why_not = recorded_files(dst)
+    foreign = unexpected_entries(dst, ours or set())
+    if ours is None:
+        raise SplitError(f"--dst {dst} does not look like a split made by this version "
+                         f"of {PROG} ({why_not}), so --force will not delete it; it "
+                         f"holds {_listing(foreign)}; if all of that is yours to lose, "
+                         f"delete {dst} yourself, otherwise move it away or choose "
+                         f"another --dst")
+    if foreign:
+        raise SplitError(f"--force would delete what {PROG} did not write in --dst {dst}: "
+                         f"{_listing(foreign)}; move those out of {dst} or choose "
+                         f"another --dst")
 
 
 def check_destination(src: Path, dst: Path, force: bool, link: str) -> None:
@@ -193,12 +274,13 @@ def check_destination(src: Path, dst: Path, force: bool, link: str) -> None:
     if not force:
         raise SplitError(f"--dst {dst} already exists; pass --force to replace it "
                          f"(or choose another --dst)")
-    if not looks_like_split(dst):
-        names = sorted(os.listdir(dst))
-        found = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
-        raise SplitError(f"--dst {dst} does not look like a train/val split (it holds: "
-                         f"{found}); refusing to delete it even with --force; move it "
-                         f"away yourself or choose another --dst")
+    check_replaceable(dst)
+
+
+def written_paths(plan: dict) -> list[str]:
+    """Every file ``build_split`` writes for ``plan``, relative to --dst."""
+    return sorted(f"{split}/{name}/{rel}" for split, classes in plan.items()
+                  for name, files in classes.items() for rel in files)
 
 
 def _place_file(source: Path, target: Path, link: str, final_target: Path) -> None:
@@ -260,6 +342,7 @@ def swap_into_place(build: Path, dst: Path) -> None:
         os.rmdir(dst)
         os.rename(build, dst)
         return
+    check_replaceable(dst)                       # again: it may have changed meanwhile
     aside = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
     os.rename(dst, aside)
     try:
@@ -333,13 +416,13 @@ def main(argv: list[str] | None = None) -> int:
         plan = plan_split(files, args.val_fraction, args.seed)
         rows = count_table(plan)
         record = {
-            "tool": PROG, "format": 1,
+            "made_by": PROG, "format": SPLIT_FORMAT,
             "src": os.fspath(src), "src_resolved": os.fspath(src.resolve()),
             "seed": args.seed, "val_fraction": args.val_fraction, "link": args.link,
             "classes": classes,
             "counts": {n: {"total": t, "train": a, "val": b} for n, t, a, b in rows},
             "train": plan["train"], "val": plan["val"],
-            "skipped": skipped,
+            "skipped": skipped, "files": written_paths(plan),
         }
         make_split(src, dst, plan, record, args.link, progress)
     except (SplitError, OSError) as exc:
