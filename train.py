@@ -45,6 +45,7 @@ from utils.images import atomic_write_json, atomic_write_text  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
 from utils.report import plot_curves, write_classification_report, write_csv  # noqa: E402
+from utils.run_folder import release_run_lock  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 from utils.transforms import load_stats  # noqa: E402
 
@@ -265,7 +266,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     parts = build_parts(config, plan, len(classes), steps, env, teacher)
     clock["model"] = time.perf_counter()
     seed_everything(config.seed, env.rank)  # each rank its own augmentation stream
-    output = Path(run_on_main(lambda: prepare_run_folder(config, OUTPUT_FILES), env))
+    output, folder_notes = run_on_main(lambda: prepare_run_folder(config, OUTPUT_FILES), env)  # locked till main ends
     setup_logging(env, output)
     log.info("data %s: %d classes, %d train / %d val images; %s; %s", config.data, len(classes),
              len(train_split.samples), len(val_split.samples), stats_msg, data_path)
@@ -274,7 +275,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
              ", ".join(f"{name} {end - begin:.1f} s" for name, begin, end in zip(clock, marks, marks[1:])))
     if parts.loaded:
         log.info(parts.loaded)
-    for note in plan.notes:
+    for note in (*folder_notes, *plan.notes):
         log.warning(note)
     skipped = train_split.skipped + val_split.skipped
     if skipped and env.is_main:
@@ -332,6 +333,7 @@ def main(argv=None) -> None:
         raise SystemExit("interrupted; the last checkpoint written is intact "
                          "(continue with --resume <output>/last.pth)") from None
     finally:
+        release_run_lock()  # rank 0's, however the run ended
         cleanup_distributed(env)
 
 

@@ -40,6 +40,7 @@ import torch
 
 from models import CheckpointError, read_checkpoint
 from utils.distributed import unwrap_model
+from utils.run_folder import acquire_run_lock, clear_run_folder, release_run_lock
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
 FORMAT = "groupmamba-toolkit/1"
@@ -199,20 +200,21 @@ def training_checkpoint(config, parts, state: RunState, meta: dict, full: bool) 
             "teacher": to_plain(parts.teacher.info) if parts.teacher is not None else None}
 
 
-def prepare_run_folder(config, owned_files: tuple[str, ...]) -> str:
-    """Create train.py's run folder (``--output``, else the ``--resume`` checkpoint's folder,
-    else ``runs/<time>``); refuse to mix with someone else's files: ``--force`` replaces
-    only ``owned_files``."""
+def prepare_run_folder(config, owned_files: tuple[str, ...]) -> tuple[Path, list[str]]:
+    """Create and lock train.py's run folder (``--output``, else the ``--resume`` checkpoint's
+    folder, else ``runs/<time>``) and clear what an earlier run left there (see
+    utils/run_folder.py); returns the folder and notes for the log. The lock is released
+    by ``release_run_lock`` when the run ends."""
     out = Path(config.output or (Path(config.resume).parent if config.resume else
                                  Path("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))))
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --output {out} exists and is not a folder")
-    resuming_here = config.resume and Path(config.resume).resolve().parent == out.resolve()
-    if out.is_dir() and any(out.iterdir()) and not resuming_here:
-        if not config.force:
-            raise SystemExit(f"error: --output {out} is not empty; choose another --output, continue that run "
-                             f"with --resume {out / 'last.pth'}, or pass --force to replace train.py's files in it")
-        for name in owned_files:
-            (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    return str(out)
+    notes = acquire_run_lock(out)
+    try:  # a refused folder is left as it was, unlocked
+        resuming_here = bool(config.resume) and Path(config.resume).resolve().parent == out.resolve()
+        notes += clear_run_folder(out, owned_files, config.force, resuming_here)
+    except BaseException:
+        release_run_lock(out)
+        raise
+    return out, notes

@@ -160,7 +160,8 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default=None, metavar="PATH",
                    help="continue from a last.pth (or the folder holding it)")
     g.add_argument("--force", action="store_true",
-                   help="write into a non-empty --output, replacing train.py's files there")
+                   help="write into a non-empty --output, replacing train.py's files there (never those of "
+                        "a run still training there)")
     g.add_argument("--save-every", type=int, default=1, metavar="N",
                    help="write last.pth and curves.png every N epochs and at the end")
 
