@@ -195,6 +195,7 @@ def test_ddp_torchrun_cpu(tmp_path, split):
     assert not any(k.startswith("module.") for k in ckpt["model"])
     assert (out / "report.txt").is_file()
     assert "ImageNet mean/std" in output(proc)
+    assert not (out / "run.lock").exists()  # rank 0 held it for both ranks and removed it
 
 
 # ----------------------------------------------------------------------- train.py errors
