@@ -39,6 +39,7 @@ from typing import Any, Mapping
 import torch
 
 from models import CheckpointError, read_checkpoint
+from utils.errors import reraise_with_path
 from utils.distributed import unwrap_model
 from utils.run_folder import acquire_run_lock, clear_run_folder, release_run_lock
 from utils.seed import get_rng_state, seed_everything, set_rng_state
@@ -81,19 +82,24 @@ def to_cpu(obj: Any) -> Any:
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
-    an interrupted save never leaves a half-written checkpoint at ``path``."""
+    an interrupted save never leaves a half-written checkpoint at ``path``. A full disk
+    or a read-only folder raises an ``OSError`` naming ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        reraise_with_path(exc, path)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(dict(state), fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        # torch.save reports a full disk as a RuntimeError about file positions: name the file
+        reraise_with_path(exc, path)
     return path
 
 

@@ -40,12 +40,15 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
+from utils.errors import reraise_with_path
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageFolderIndex",
     "ImageReadError",
     "atomic_write_json",
     "atomic_write_text",
+    "check_writable",
     "update_json",
     "is_image_file",
     "open_rgb",
@@ -231,11 +234,16 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     The data goes to a temporary file in the destination folder (which must
     exist), is flushed to disk, then renamed over ``path`` with ``os.replace``.
     An existing ``path`` is replaced: deciding whether that is allowed is the
-    caller's job. The new file gets the usual permissions (0o666 minus umask).
+    caller's job. The new file gets the usual permissions (0o666 minus umask). A full
+    disk or a read-only folder raises an ``OSError`` naming ``path``; the temporary
+    file is removed and an existing ``path`` stays as it was.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:  # a read-only or full folder: name the file that was asked for
+        reraise_with_path(exc, path)
     try:
         with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
             fh.write(text)
@@ -245,13 +253,26 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
-        raise
+        reraise_with_path(exc, path)
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise now the ``OSError`` (naming ``path``) that writing ``path`` would meet in a
+    read-only or locked folder, before long work: creates and removes a temporary file."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else Path("."),
+                                   prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        reraise_with_path(exc, path)
+    os.close(fd)
+    os.unlink(tmp)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:

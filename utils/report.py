@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from utils.errors import reraise_with_path  # noqa: E402
 from utils.images import atomic_write_json, atomic_write_text  # noqa: E402
 
 
@@ -31,6 +32,8 @@ def _save(fig, path: str | os.PathLike) -> Path:
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
+    except BaseException as exc:
+        reraise_with_path(exc, path)
     finally:
         plt.close(fig)
         if tmp.exists():
