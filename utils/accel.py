@@ -16,12 +16,14 @@ from typing import Callable, Optional
 import torch
 import torch._functorch.config as functorch_config
 
-from kernels.grid_scan import resolve_backend
+from kernels import grid_scan
+from kernels.selective_scan import BackendUnavailableError, available_backends
 from models import is_groupmamba
 from utils.cuda_graphs import CapturedForward, CapturedTrainStep
 
 __all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "compile_blocks", "compile_regions", "compile_seconds",
-           "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds", "plan_speed"]
+           "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds", "plan_speed",
+           "resolve_scan_backend"]
 
 # the compiler's activation memory budget in low-memory mode: below 1 its partitioner
 # recomputes cheap activations in the backward instead of keeping them (same numerics)
@@ -62,12 +64,36 @@ def cuda_graph_problem(device: torch.device, distributed: bool, data_parallel: b
     return None
 
 
+_BUILD_CUDA_SCAN = "pip install --no-build-isolation ./kernels/selective_scan"
+
+
+def resolve_scan_backend(requested: str, device: torch.device) -> str:
+    """``kernels.grid_scan.resolve_backend`` for the scripts: a GPU backend that cannot run
+    here raises ``BackendUnavailableError`` naming the first cause a user can act on (no
+    CUDA GPU, then Triton not installed, then the CUDA extension not built)."""
+    if requested not in ("grid", "triton", "cuda"):
+        return grid_scan.resolve_backend(requested, device)
+    fix = "use --scan-backend auto (or torch)"
+    if device.type != "cuda":
+        why = ("this machine has no CUDA GPU (torch.cuda.is_available() is False)" if not torch.cuda.is_available()
+               else f"the run is on {device.type} (--device)")
+        raise BackendUnavailableError(f"scan backend '{requested}' needs a CUDA GPU, and {why}; {fix}")
+    if requested in ("grid", "triton") and not grid_scan.HAS_TRITON:
+        raise BackendUnavailableError(f"scan backend '{requested}' needs Triton, which is not installed "
+                                      f"(pip install 'triton>=3.0'); or {fix}")
+    problem = available_backends()["cuda"] if requested == "cuda" else None
+    if problem:
+        raise BackendUnavailableError(f"scan backend 'cuda' needs the CUDA scan extension, which is not built "
+                                      f"or does not load ({problem}); build it with {_BUILD_CUDA_SCAN}, or {fix}")
+    return grid_scan.resolve_backend(requested, device)
+
+
 def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
     """The speed options that will run for ``config`` on ``env``'s device. Raises
     ``kernels.selective_scan.BackendUnavailableError`` for a scan backend that cannot run."""
     notes = []
     # resolving imports the scan kernels now: an import inside compiled code breaks the graph
-    backend = resolve_backend(config.scan_backend, env.device) if is_groupmamba(config.model) else None
+    backend = resolve_scan_backend(config.scan_backend, env.device) if is_groupmamba(config.model) else None
     cuda_graph = config.cuda_graph
     problem = cuda_graph_problem(env.device, env.distributed, env.data_parallel, grad_scaling,
                                  config.teacher is not None)
