@@ -18,14 +18,19 @@ Unreadable images (policy): every image is checked when the folders are scanned
 check). Files that fail are *skipped with a warning* -- listed with the reason, and
 train.py writes them to ``skipped_images.txt`` -- because one bad file in thousands
 should not stop a run. If skipping leaves a class empty, that is an error. A file that
-passed the scan but fails to decode later (changed on disk, or ``header``/``none``
-mode) raises ``ImageReadError`` naming it.
+passed the scan but fails to decode later (``header``/``none`` mode, or changed on
+disk) is skipped too: ``ImageDataset`` warns once, gives the next readable image of
+the split in its place, and records the file in a :class:`SkippedImages` that the
+main process reads after each epoch.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
 import os
+import tempfile
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.images import ImageReadError, is_image_file, open_rgb, scan_image_folder
+from utils.images import ImageReadError, atomic_write_text, is_image_file, open_rgb, scan_image_folder
 
 CHECK_MODES = ("full", "header", "none")
 
@@ -141,19 +146,98 @@ def load_train_val(data: str | os.PathLike, check: str = "full",
     return train, val
 
 
-class ImageDataset(Dataset):
-    """``(image tensor, label)`` for a list of ``(path, label)``; decodes with open_rgb."""
+def _remove_if_owner(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # a forked DataLoader worker must not delete the main process's file
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
-    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable):
+
+class SkippedImages:
+    """The files a run leaves out: those the scan skipped (``scanned``) and images that
+    fail to decode while loading. Loading may happen in DataLoader worker processes, so
+    those append to a file that the main process reads (:meth:`update`); the file is
+    removed when this object is."""
+
+    def __init__(self, scanned: Sequence[tuple[str, str]] = ()):
+        self.found: dict[str, str] = dict(scanned)  # path -> reason
+        self.reported = 0  # how many of found the run has reported so far
+        fd, self.log_path = tempfile.mkstemp(prefix="unreadable-images-", suffix=".tsv")
+        os.close(fd)
+        weakref.finalize(self, _remove_if_owner, self.log_path, os.getpid())
+
+    def note(self, path: str, reason: str) -> None:
+        """Record an image that failed to decode (in any process): warn once, append."""
+        self._read_log()  # another worker, or an earlier pass over the split, may have found it
+        if path in self.found:
+            return
+        self.found[path] = reason
+        logging.getLogger(__name__).warning("warning: %s; skipping it (the next readable image of the "
+                                            "split takes its place)", reason)
+        line = f"{path}\t{' '.join(reason.split())}\n"
+        try:
+            with open(self.log_path, "a", encoding="utf-8") as fh:  # one short append: not interleaved
+                fh.write(line)
+        except OSError as exc:  # the warning above still names the file
+            logging.getLogger(__name__).warning("warning: cannot record it in %s: %s", self.log_path, exc)
+
+    def _read_log(self) -> None:
+        try:
+            with open(self.log_path, encoding="utf-8") as fh:
+                lines = fh.readlines()
+        except OSError:  # removed or unreadable: what this process found is still in self.found
+            return
+        for line in lines:
+            path, _, reason = line.rstrip("\n").partition("\t")
+            self.found.setdefault(path, reason)
+
+    def update(self) -> list[tuple[str, str]]:
+        """Read what worker processes recorded; return the entries not reported before."""
+        self._read_log()
+        new = list(self.found.items())[self.reported:]
+        self.reported = len(self.found)
+        return new
+
+    def report(self, list_file: Path, log: logging.Logger) -> None:
+        """Log the files left out since the last call and write all of them to ``list_file``."""
+        new = self.update()
+        if new:
+            log.warning("skipped %d file(s) that cannot be used (listed in %s), e.g. %s", len(new),
+                        list_file.name, new[0][1])
+            atomic_write_text(list_file, "".join(f"{p}\t{r}\n" for p, r in self.found.items()))
+
+
+class ImageDataset(Dataset):
+    """``(image tensor, label)`` for a list of ``(path, label)``; decodes with open_rgb.
+
+    With ``skipped``, an image that cannot be decoded is recorded there and the next
+    readable sample of the list (and its label) is returned instead, the same one
+    whichever process loads it; without, ``ImageReadError`` is raised."""
+
+    def __init__(self, samples: Sequence[tuple[str, int]], transform: Callable,
+                 skipped: Optional[SkippedImages] = None):
         self.samples = list(samples)
         self.transform = transform
+        self.skipped = skipped
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        return self.transform(open_rgb(path)), label
+        if self.skipped is None:
+            path, label = self.samples[i]
+            return self.transform(open_rgb(path)), label
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(i + offset) % len(self.samples)]
+            if path in self.skipped.found:
+                continue
+            try:
+                return self.transform(open_rgb(path)), label
+            except ImageReadError as exc:
+                self.skipped.note(path, str(exc))
+        raise DatasetError(f"none of the {len(self.samples)} images of this split can be read "
+                           "(listed in skipped_images.txt); check the data folder")
 
 
 # ----------------------------------------------------------------------- test.py inputs

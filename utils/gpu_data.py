@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from utils.images import open_rgb
+from utils.datasets import DatasetError, SkippedImages
+from utils.images import ImageReadError, open_rgb
 from utils.transforms import check_augment
 
 GPU_DATA_MODES = ("auto", "on", "off")
@@ -70,22 +71,37 @@ def choose_gpu_data(mode: str, device: torch.device, nbytes: int) -> tuple[bool,
 
 
 def decode_images(samples: Sequence[tuple[str, int]], img_size: int, device: torch.device,
-                  threads: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(uint8 images (N, 3, S, S), int64 labels (N,))`` on ``device``."""
+                  threads: int = 4, skipped: Optional[SkippedImages] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(uint8 images (N, 3, S, S), int64 labels (N,))`` on ``device``. With ``skipped``,
+    an image that cannot be decoded is recorded there and the next readable one (and its
+    label) takes its place, as ``ImageDataset`` does; without, ``ImageReadError``."""
     resize = T.Resize((img_size, img_size), antialias=True)
     # decoded into one numpy array, channels last, and made channels-first on the device
     # in one go, instead of one strided torch copy per image on the CPU
     pixels = np.empty((len(samples), img_size, img_size, 3), dtype=np.uint8)
+    labels = [label for _, label in samples]
 
-    def one(item: tuple[int, str]) -> None:
+    def one(item: tuple[int, str]) -> Optional[str]:
         i, path = item
-        pixels[i] = np.asarray(resize(open_rgb(path)))
+        try:
+            pixels[i] = np.asarray(resize(open_rgb(path)))
+        except ImageReadError as exc:
+            if skipped is None:
+                raise
+            skipped.note(path, str(exc))
+            return path
+        return None
 
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(one, enumerate(p for p, _ in samples)))
+        failed = [i for i, bad in enumerate(pool.map(one, enumerate(p for p, _ in samples))) if bad]
+    readable = sorted(set(range(len(samples))) - set(failed))
+    if failed and not readable:
+        raise DatasetError(f"none of the {len(samples)} images of this split can be read")
+    for i in failed:
+        j = next((k for k in readable if k > i), readable[0])
+        pixels[i], labels[i] = pixels[j], labels[j]
     images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor([label for _, label in samples], dtype=torch.long)
-    return images, labels.to(device)
+    return images, torch.tensor(labels, dtype=torch.long).to(device)
 
 
 def shard_indices(n: int, epoch: int, seed: int, rank: int = 0,
@@ -309,11 +325,11 @@ def augment_args(args) -> dict:
 
 
 def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order,
-                      val_batch_size: int):
+                      val_batch_size: int, skipped: Optional[SkippedImages] = None):
     """Train and val GpuLoaders on ``env.device`` (decodes every image once)."""
     threads = max(2, args.workers)
-    tx, ty = decode_images(train_split.samples, args.img_size, env.device, threads)
-    vx, vy = decode_images(val_split.samples, args.img_size, env.device, threads)
+    tx, ty = decode_images(train_split.samples, args.img_size, env.device, threads, skipped)
+    vx, vy = decode_images(val_split.samples, args.img_size, env.device, threads, skipped)
     train = GpuLoader(tx, ty, args.batch_size, mean, std, train=True, seed=args.seed,
                       rank=env.rank, world_size=env.world_size, hflip=args.hflip,
                       vflip=args.vflip, cutout=args.cutout, **augment_args(args))

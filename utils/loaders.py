@@ -12,7 +12,7 @@ import math
 
 from torch.utils.data import DataLoader, DistributedSampler
 
-from utils.datasets import ImageDataset
+from utils.datasets import ImageDataset, SkippedImages
 from utils.distributed import DistEnv, ShardSampler, broadcast_object
 from utils.gpu_data import GpuLoader, build_gpu_loaders, choose_gpu_data, decoded_bytes, full_eval_loader
 from utils.transforms import eval_transform, train_transform
@@ -28,8 +28,10 @@ def _check_batch(n: int, per_rank: int, batch_size: int, env: DistEnv) -> None:
             "(the last incomplete batch is always dropped)")
 
 
-def build_loaders(config, train_split, val_split, mean, std, env: DistEnv):
-    """``(train loader, val loader, sampler with set_epoch, description of the data path)``."""
+def build_loaders(config, train_split, val_split, mean, std, env: DistEnv,
+                  skipped: SkippedImages | None = None):
+    """``(train loader, val loader, sampler with set_epoch, description of the data path)``;
+    images that fail to decode while loading are recorded in ``skipped`` and replaced."""
     nbytes = decoded_bytes(len(train_split.samples) + len(val_split.samples), config.img_size)
     # rank 0 decides for all (free memory may differ between GPUs)
     on, why = broadcast_object(choose_gpu_data(config.gpu_data, env.device, nbytes), env)
@@ -38,12 +40,12 @@ def build_loaders(config, train_split, val_split, mean, std, env: DistEnv):
         per_rank = math.ceil(len(train_split.samples) / env.world_size)
         _check_batch(len(train_split.samples), per_rank, config.batch_size, env)
         train_loader, val_loader = build_gpu_loaders(config, train_split, val_split, mean, std, env,
-                                                     list(val_order), config.val_batch_size)
+                                                     list(val_order), config.val_batch_size, skipped)
         return train_loader, val_loader, train_loader, f"GPU-resident data ({why})"
     train_ds = ImageDataset(train_split.samples, train_transform(
         config.img_size, mean, std, config.hflip, config.vflip, config.cutout, config.scale,
-        config.ratio, config.rotate, config.transpose))
-    val_ds = ImageDataset(val_split.samples, eval_transform(config.img_size, mean, std))
+        config.ratio, config.rotate, config.transpose), skipped)
+    val_ds = ImageDataset(val_split.samples, eval_transform(config.img_size, mean, std), skipped)
     # DistributedSampler also in one process: a per-epoch, seed-determined shuffle that a
     # resumed run repeats exactly
     train_sampler = DistributedSampler(train_ds, num_replicas=env.world_size, rank=env.rank,
@@ -62,6 +64,7 @@ def report_loader(config, val_loader, val_split, mean, std, env: DistEnv):
     """Every val image in file order, for the final report (GPU-resident when training was)."""
     if isinstance(val_loader, GpuLoader):
         return full_eval_loader(val_loader)
-    return DataLoader(ImageDataset(val_split.samples, eval_transform(config.img_size, mean, std)),
+    return DataLoader(ImageDataset(val_split.samples, eval_transform(config.img_size, mean, std),
+                                   val_loader.dataset.skipped),
                       batch_size=config.val_batch_size, num_workers=config.workers,
                       pin_memory=env.device.type == "cuda")
