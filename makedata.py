@@ -42,6 +42,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from utils.errors import exit_if_known, reraise_with_path
 from utils.images import ImageReadError, atomic_write_json, open_rgb, scan_image_folder
 
 PROG = "makedata.py"
@@ -362,14 +363,17 @@ def make_split(src: Path, dst: Path, plan: dict, record: dict, link: str,
     """Build the split and ``split.json`` in a temporary folder next to ``dst``,
     then swap it into place. On any failure the temporary folder is removed."""
     dst_abs = dst.resolve()
-    build = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.tmp-", dir=dst_abs.parent))
+    try:
+        build = Path(tempfile.mkdtemp(prefix=f".{dst_abs.name}.tmp-", dir=dst_abs.parent))
+    except OSError as exc:  # a full disk or read-only folder: name --dst, not the temporary folder
+        reraise_with_path(exc, dst)
     try:
         build_split(src, build, dst_abs, plan, link, progress)
         atomic_write_json(build / SPLIT_FILE, record)
         swap_into_place(build, dst_abs)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(build, ignore_errors=True)
-        raise
+        reraise_with_path(exc, dst)
 
 
 # --------------------------------------------------------------------------- reporting
@@ -425,8 +429,9 @@ def main(argv: list[str] | None = None) -> int:
             "skipped": skipped, "files": written_paths(plan),
         }
         make_split(src, dst, plan, record, args.link, progress)
-    except (SplitError, OSError) as exc:
-        raise SystemExit(f"{PROG}: error: {exc}") from None
+    except Exception as exc:
+        exit_if_known(exc, prefix=f"{PROG}: error: ", known=(SplitError, OSError))
+        raise
     print_table(rows)
     print(f"split written to {dst} ({args.link}; seed {args.seed}, "
           f"val fraction {args.val_fraction}); file lists in {dst / SPLIT_FILE}")

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from utils.images import ImageReadError, atomic_write_json, open_rgb, scan_image_folder
+from utils.errors import exit_if_known
+from utils.images import ImageReadError, atomic_write_json, check_writable, open_rgb, scan_image_folder
 
 PROG = "mean_std.py"
 MAX_LISTED = 20          # skipped files printed before "... and N more"
@@ -167,6 +168,7 @@ def check_out_path(out: Path, force: bool) -> None:
         raise SystemExit(f"{PROG}: error: {out} exists and is not a statistics file "
                          f"written by {PROG}; choose another --out or pass --force "
                          f"to overwrite it")
+    check_writable(out)  # a read-only folder is said now, not after reading every image
 
 
 def report_skipped(title: str, items: list[dict]) -> None:
@@ -192,6 +194,14 @@ def print_result(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return run(args)
+    except Exception as exc:
+        exit_if_known(exc, prefix=f"{PROG}: error: ", memory_hint="use fewer --workers")
+        raise
+
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_out_path(out, args.force)
     try:

@@ -21,12 +21,14 @@ printed and, beside the CSV, ``<name>_report.txt``/``<name>_report.json`` (per-c
 precision, recall, F1; scikit-learn) and ``<name>_confusion_matrix.png`` are written,
 where ``<name>`` is the CSV's name without ``.csv``.
 
-Existing output files are not overwritten unless --force is given.
+Existing output files (the CSV, and the report files when the folder is labelled) are
+not overwritten unless --force is given.
 
 Weights: by default the ones that scored best during training (best.pth records
 whether the raw or the EMA weights won); --ema forces the EMA weights, --weights model
 the raw ones. Exit codes: 0 done, 1 no image could be read, 2 bad arguments or
-checkpoint.
+checkpoint, or another failure said in one line (out of memory, a full disk, a
+read-only folder, a scan backend that cannot run here).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from kernels.grid_scan import SCAN_BACKENDS
-from kernels.selective_scan import BackendUnavailableError
-from models import ModelConfigError, create_model, load_pretrained
+from models import ModelConfigError, create_model, is_groupmamba, load_pretrained
+from utils.accel import resolve_scan_backend
 from utils.amp import AMP_MODES, Precision
 from utils.checkpoint import (INFERENCE_KEYS, CheckpointError, check_checkpoint,
                               choose_weights, load_checkpoint)
@@ -50,6 +52,8 @@ from utils.config import SCAN_BACKEND_ENV, choose_scan_backend
 from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
 from utils.distributed import resolve_device
 from utils.engine import predict_batches
+from utils.errors import UsageError, exit_if_known
+from utils.images import check_writable
 from utils.report import write_classification_report, write_csv
 from utils.transforms import eval_transform
 
@@ -140,25 +144,54 @@ def report_unreadable(bad: list, out: Path) -> None:
         log.warning("  ... and %d more", len(bad) - 20)
 
 
-def run(args) -> int:
-    if args.batch_size < 1 or args.topk < 1 or args.workers < 0:
-        raise ValueError("--batch-size and --topk must be >= 1, --workers >= 0")
-    ckpt = load_checkpoint(args.checkpoint, INFERENCE_KEYS, "prediction")
-    check_checkpoint(ckpt, args.checkpoint)
-    names, img_size = ckpt["class_names"], int(ckpt["img_size"])
-
+def check_outputs(args, labelled: bool) -> tuple[Path, dict[str, Path]]:
+    """The CSV and, for a labelled folder, the report files beside it: checked before any
+    prediction (not a folder, writable, not overwritten without --force)."""
     out = Path(args.output)
-    extra = side_files(out)
+    extra = side_files(out) if labelled else {}
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a folder; give a CSV file name, e.g. {out / 'predictions.csv'}")
+    folders = [str(p) for p in extra.values() if p.is_dir()]
+    if folders:
+        raise UsageError(f"{folders[0]} (a report file beside --output) is a folder; choose another --output")
     existing = [str(p) for p in [out, *extra.values()] if p.exists()]
     if existing and not args.force:
-        raise ValueError(f"{', '.join(existing)} already exist(s); pass --force to "
+        raise UsageError(f"{', '.join(existing)} already exist(s); pass --force to "
                          "overwrite or choose another --output")
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True)
+    check_writable(out)
+    return out, extra
 
+
+def prepare(args):
+    """Everything checked before predicting: ``(checkpoint, files, folder, labels, device, out, extra)``."""
+    if args.batch_size < 1 or args.topk < 1 or args.workers < 0:
+        raise UsageError("--batch-size and --topk must be >= 1, --workers >= 0")
+    ckpt = load_checkpoint(args.checkpoint, INFERENCE_KEYS, "prediction")
+    check_checkpoint(ckpt, args.checkpoint)
     files, folder = collect_images(args.images)
-    labels = labels_from_folder(files, folder, names)
+    labels = labels_from_folder(files, folder, ckpt["class_names"])
+    out, extra = check_outputs(args, labels is not None)
     device = resolve_device(args.device)
+    if is_groupmamba(ckpt["model_name"]):  # a scan that cannot run here is said now, not at the first batch
+        resolve_scan_backend(choose_scan_backend(args.scan_backend), device)
+    return ckpt, files, folder, labels, device, out, extra
+
+
+def write_report(args, ckpt, which: str, folder, names, y_true, y_pred, top_k_hits: int, k: int, extra) -> None:
+    acc1 = 100.0 * sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
+    acck = 100.0 * top_k_hits / len(y_true)
+    header = (f"{args.checkpoint} ({ckpt['model_name']}, {which} weights) on "
+              f"{len(y_true)} images of {folder}: ACC1 {acc1:.2f} %, ACC{k} {acck:.2f} %")
+    write_classification_report(y_true, y_pred, names, extra, header, str(folder))
+    log.info("ACC1 %.2f %%  ACC%d %.2f %%  (%d images); report: %s, %s", acc1, k, acck,
+             len(y_true), extra["txt"], extra["png"])
+
+
+def run(args) -> int:
+    ckpt, files, folder, labels, device, out, extra = prepare(args)
+    names, img_size = ckpt["class_names"], int(ckpt["img_size"])
     model, which = load_model(args, ckpt, device)
     precision = Precision(args.amp, device)
     log.info("%s: %s (%s weights, %d classes, %d px) on %s; %d image(s)%s",
@@ -179,13 +212,7 @@ def run(args) -> int:
     if bad:
         report_unreadable(bad, out)
     if labels is not None and y_true:
-        acc1 = 100.0 * sum(int(a == b) for a, b in zip(y_true, y_pred)) / len(y_true)
-        acck = 100.0 * top_k_hits / len(y_true)
-        header = (f"{args.checkpoint} ({ckpt['model_name']}, {which} weights) on "
-                  f"{len(y_true)} images of {folder}: ACC1 {acc1:.2f} %, ACC{k} {acck:.2f} %")
-        write_classification_report(y_true, y_pred, names, extra, header, str(folder))
-        log.info("ACC1 %.2f %%  ACC%d %.2f %%  (%d images); report: %s, %s", acc1, k, acck,
-                 len(y_true), extra["txt"], extra["png"])
+        write_report(args, ckpt, which, folder, names, y_true, y_pred, top_k_hits, k, extra)
     elif folder is not None and labels is None:
         log.info("(no accuracy: %s is not laid out as <folder>/<class name>/... with the "
                  "checkpoint's class names)", folder)
@@ -202,17 +229,15 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         code = run(args)
-    except (CheckpointError, DatasetError, ModelConfigError, BackendUnavailableError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
     except SystemExit as exc:  # e.g. --device cuda without a GPU
         if not isinstance(exc.code, str):
             raise
         print(exc.code, file=sys.stderr)
         code = 2
-    except torch.cuda.OutOfMemoryError:
-        print("error: out of GPU memory; lower --batch-size", file=sys.stderr)
-        code = 2
+    except Exception as exc:
+        exit_if_known(exc, code=2, known=(CheckpointError, DatasetError, ModelConfigError, UsageError),
+                      memory_hint=f"the run used --batch-size {args.batch_size}; lower --batch-size")
+        raise
     sys.exit(code)
 
 

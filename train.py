@@ -26,22 +26,22 @@ import torch  # noqa: E402
 from timm.data import Mixup  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
-from kernels.selective_scan import BackendUnavailableError  # noqa: E402
 from models import CheckpointError, ModelConfigError, create_model, load_pretrained  # noqa: E402
 from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  # noqa: E402
                          describe_compile_seconds, plan_speed)
 from utils.amp import Precision, resolve_amp  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
                               save_checkpoint, to_cpu, to_plain, training_checkpoint)
-from utils.config import mixup_active, parse_config  # noqa: E402
-from utils.datasets import DatasetError, load_train_val  # noqa: E402
+from utils.config import memory_hint, mixup_active, parse_config  # noqa: E402
+from utils.datasets import DatasetError, SkippedImages, load_train_val  # noqa: E402
 from utils.distillation import (DistillationLoss, check_teacher, resolve_teacher_source,  # noqa: E402
                                 setup_teacher)
 from utils.distributed import (DistEnv, barrier, broadcast_object, cleanup_distributed,  # noqa: E402
                                run_on_main, setup_distributed, unwrap_model, wrap_model)
 from utils.ema import ModelEma  # noqa: E402
 from utils.engine import NonFiniteLossError, heads_loss, predict_batches, train_one_epoch, validate  # noqa: E402
-from utils.images import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.errors import LogFile, exit_if_known  # noqa: E402
+from utils.images import atomic_write_json  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
 from utils.report import plot_curves, write_classification_report, write_csv  # noqa: E402
@@ -84,7 +84,7 @@ def setup_logging(env: DistEnv, output: Optional[Path] = None) -> None:
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if output is not None and env.is_main:
-        handlers.append(logging.FileHandler(output / "train.log", encoding="utf-8"))
+        handlers.append(LogFile(output / "train.log", encoding="utf-8"))
     for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
@@ -165,7 +165,7 @@ def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool) -> N
 
 
 def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, meta: dict, state: RunState,
-        steps_per_epoch: int) -> None:
+        steps_per_epoch: int, skipped: SkippedImages) -> None:
     train_loader, val_loader, sampler = loaders
     captured_step, runners = cuda_graph_runners(plan, parts.model, parts.ema.module if parts.ema else None,
                                                 heads_loss(parts.criterion), parts.optimizer, parts.precision,
@@ -209,6 +209,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                 plot_curves(state.history, output / "curves.png")
             write_csv(output / "metrics.csv", METRIC_FIELDS, state.history)
             log_epoch(row, state, first_epoch, plan.compile)
+            skipped.report(output / "skipped_images.txt", log)
         barrier(env)
         if out_of_time:
             log.info("--time-limit %.0f s reached after epoch %d (%.1f s since the first step); stopping",
@@ -258,7 +259,9 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
                                          env, errors=(DatasetError, OSError))
     classes = train_split.classes
     clock[f"image check ({config.check_images})"] = time.perf_counter()
-    train_loader, val_loader, sampler, data_path = build_loaders(config, train_split, val_split, mean, std, env)
+    skipped = SkippedImages(train_split.skipped + val_split.skipped)
+    train_loader, val_loader, sampler, data_path = build_loaders(config, train_split, val_split, mean, std, env,
+                                                                 skipped)
     clock["data loaders"] = time.perf_counter()
     steps = min(len(train_loader), config.max_train_batches or len(train_loader))
     teacher = None if teacher_source is None else setup_teacher(
@@ -277,11 +280,8 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
         log.info(parts.loaded)
     for note in (*folder_notes, *plan.notes):
         log.warning(note)
-    skipped = train_split.skipped + val_split.skipped
-    if skipped and env.is_main:
-        log.warning("skipped %d file(s) that cannot be used (listed in skipped_images.txt), e.g. %s",
-                    len(skipped), skipped[0][1])
-        atomic_write_text(output / "skipped_images.txt", "".join(f"{p}\t{r}\n" for p, r in skipped))
+    if env.is_main:
+        skipped.report(output / "skipped_images.txt", log)
     state = RunState(config.epochs)
     if resume_ckpt is not None:
         state = restore_training(resume_ckpt, parts, classes, env, config)
@@ -313,11 +313,12 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
             "val_images": len(val_split.samples), "steps_per_epoch": steps, "mean": mean, "std": std,
             "data_path": data_path, "torch": torch.__version__, "python": platform.python_version(),
             "teacher": parts.teacher.info if parts.teacher else None})})
-    fit(config, parts, plan, model, (train_loader, val_loader, sampler), env, output, meta, state, steps)
+    fit(config, parts, plan, model, (train_loader, val_loader, sampler), env, output, meta, state, steps, skipped)
     barrier(env)
     if env.is_main:
         final_report(config, parts, plan, report_loader(config, val_loader, val_split, mean, std, env), env,
                      output, val_split.root)
+        skipped.report(output / "skipped_images.txt", log)
         log.info("done: %s (best ACC1 %.2f %% at epoch %d, %s weights)", output, state.best_acc1,
                  state.best_epoch, state.best_source)
 
@@ -327,8 +328,9 @@ def main(argv=None) -> None:
     env = setup_distributed(config.device)
     try:
         run(config, resume_ckpt, env)
-    except (DatasetError, CheckpointError, ModelConfigError, BackendUnavailableError) as exc:
-        raise SystemExit(f"error: {exc}") from exc
+    except Exception as exc:
+        exit_if_known(exc, known=(DatasetError, CheckpointError, ModelConfigError), memory_hint=memory_hint(config))
+        raise
     except KeyboardInterrupt:
         raise SystemExit("interrupted; the last checkpoint written is intact "
                          "(continue with --resume <output>/last.pth)") from None

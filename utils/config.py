@@ -111,7 +111,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
                    help="data-loading processes (per training process)")
     g.add_argument("--check-images", choices=CHECK_MODES, default="full",
                    help="before training, decode every image (full), open only its header, or "
-                        "not check; unreadable files are skipped with a warning")
+                        "not check; unreadable files are skipped with a warning whenever they are found")
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -246,6 +246,13 @@ def explicit_options(parser: argparse.ArgumentParser, argv) -> dict:
 
 def mixup_active(c) -> bool:
     return (c.mixup > 0 or c.cutmix > 0) and c.mixup_prob > 0
+
+
+def memory_hint(c) -> str:
+    """What to change when a run of ``c`` runs out of memory (the end of a one-line error)."""
+    low_memory = " or add --low-memory" if is_groupmamba(c.model) and not c.low_memory else ""
+    return (f"the run used --batch-size {c.batch_size} (--val-batch-size {c.val_batch_size}) at "
+            f"{c.img_size} px; lower --batch-size{low_memory}")
 
 
 def _problems(c) -> list[str]:
