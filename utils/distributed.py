@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.errors import failure_message
+
 
 @dataclass
 class DistEnv:
@@ -152,8 +154,8 @@ def run_on_main(fn: Callable[[], Any], env: DistEnv,
             result = fn()
         except SystemExit as exc:
             message = str(exc.code) if exc.code not in (None, 0) else "stopped"
-        except errors as exc:
-            message = f"error: {exc}"
+        except errors as exc:  # the same line the script's own error path would print
+            message = f"error: {failure_message(exc, errors) or exc}"
     if env.distributed:
         result, message = broadcast_object((result, message), env)
     if message is not None:
