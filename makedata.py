@@ -358,6 +358,25 @@ def swap_into_place(build: Path, dst: Path) -> None:
               f"removed: {aside} ({exc})", file=sys.stderr)
 
 
+def clear_interrupted_builds(dst: Path) -> None:
+    """Remove the temporary build folders a killed run left next to ``dst``
+    (``.<name>.tmp-<random>``: never a complete split in place) and name an old split it
+    had moved aside (``.<name>.old-<random>``), which may be the only copy: that one stays."""
+    dst_abs = dst.resolve()
+    if not dst_abs.parent.is_dir():
+        return
+    for entry in sorted(dst_abs.parent.glob(f".{dst_abs.name}.*-*")):
+        kind = entry.name[len(dst_abs.name) + 2:].split("-", 1)[0]
+        if entry.is_symlink() or not entry.is_dir() or kind not in ("tmp", "old"):
+            continue
+        if kind == "tmp":
+            shutil.rmtree(entry, ignore_errors=True)
+            print(f"{PROG}: removed {entry}, the unfinished split of an interrupted run", file=sys.stderr)
+        else:
+            print(f"{PROG}: warning: {entry} holds the split an interrupted run had moved aside; "
+                  f"delete it once {dst} is the split you want", file=sys.stderr)
+
+
 def make_split(src: Path, dst: Path, plan: dict, record: dict, link: str,
                progress: bool = False) -> None:
     """Build the split and ``split.json`` in a temporary folder next to ``dst``,
@@ -415,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         if not src.is_dir():
             raise SplitError(f"--src {src} does not exist or is not a folder")
         check_destination(src, dst, args.force, args.link)
+        clear_interrupted_builds(dst)
         classes, files, skipped = collect_valid_images(src, progress)
         report_skipped(skipped)
         plan = plan_split(files, args.val_fraction, args.seed)

@@ -135,3 +135,21 @@ def test_unexpected_entries_summarises_big_folders(tmp_path):
     (tmp_path / "train" / "link").symlink_to(tmp_path / ".git")
     found = makedata.unexpected_entries(tmp_path, {"train/A/ours.jpg"})
     assert found == [".git/ (7 entries)", "train/A/own/", "train/link"]
+
+
+def test_interrupted_builds_are_cleared_and_an_old_split_named(tmp_path):
+    src = _tiny_source(tmp_path, {"a": 3, "b": 3})
+    dst = tmp_path / "data"
+    build = tmp_path / ".data.tmp-ab12cd34"            # a killed run's unfinished split
+    (build / "train" / "a").mkdir(parents=True)
+    aside = tmp_path / ".data.old-0a1b2c3d"            # a killed run's old split, moved aside
+    (aside / "train" / "a").mkdir(parents=True)
+    (aside / "split.json").write_text("{}")
+    mine = tmp_path / ".data.tmp-notes.txt"            # a user's file, not a folder of ours
+    mine.write_text("keep me")
+    proc = run_script("makedata.py", "--src", src, "--dst", dst, "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert not build.exists() and f"removed {build}" in proc.stderr
+    assert aside.exists() and str(aside) in proc.stderr and "warning" in proc.stderr
+    assert mine.read_text() == "keep me"
+    assert (dst / "split.json").is_file()
