@@ -168,7 +168,10 @@ def check_out_path(out: Path, force: bool) -> None:
         raise SystemExit(f"{PROG}: error: {out} exists and is not a statistics file "
                          f"written by {PROG}; choose another --out or pass --force "
                          f"to overwrite it")
-    check_writable(out)  # a read-only folder is said now, not after reading every image
+    # a read-only folder is said now, not after reading every image
+    for leftover in check_writable(out):
+        print(f"{PROG}: warning: {leftover} is a temporary file an interrupted write of {out} left "
+              "behind; delete it unless another mean_std.py is writing that file now", file=sys.stderr)
 
 
 def report_skipped(title: str, items: list[dict]) -> None:

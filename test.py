@@ -160,7 +160,9 @@ def check_outputs(args, labelled: bool) -> tuple[Path, dict[str, Path]]:
                          "overwrite or choose another --output")
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True)
-    check_writable(out)
+    for leftover in check_writable(out):
+        log.warning("warning: %s is a temporary file an interrupted write of %s left behind; delete it "
+                    "unless another test.py is writing that file now", leftover, out)
     return out, extra
 
 

@@ -394,6 +394,16 @@ def test_mean_std_disk_full_keeps_the_old_file(monkeypatch, capsys, tmp_path, sp
     assert out.read_bytes() == before and temporary_files(tmp_path) == []
 
 
+def test_mean_std_names_a_killed_write_s_temporary_file(capsys, tmp_path, split):
+    leftover = tmp_path / ".stats.json.ab12cd34.tmp"  # what a write stopped by kill -9 leaves
+    leftover.write_text("partial")
+    mean_std.main(["--root", str(split / "train"), "--out", str(tmp_path / "stats.json"), "--no-progress",
+                   "--workers", "0"])
+    err = capsys.readouterr().err
+    assert f"warning: {leftover} is a temporary file an interrupted write" in err
+    assert leftover.read_text() == "partial" and (tmp_path / "stats.json").is_file()
+
+
 def test_mean_std_disk_full_tmpfs(tmpfs, capsys, split):
     disk = tmpfs("full", "1m")
     fill(disk)

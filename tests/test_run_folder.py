@@ -21,7 +21,8 @@ import pytest
 from test_train_test import TINY, _make_source, load_script, ok, output, run
 from utils import checkpoint, images, report
 from utils.checkpoint import prepare_run_folder
-from utils.run_folder import LOCK_NAME, acquire_run_lock, release_run_lock, temp_file_pattern
+from utils.images import temp_file_pattern
+from utils.run_folder import LOCK_NAME, acquire_run_lock, release_run_lock
 
 OWNED = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth", "report.txt")
 

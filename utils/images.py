@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -262,9 +264,11 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
     return path
 
 
-def check_writable(path: str | os.PathLike) -> None:
+def check_writable(path: str | os.PathLike) -> list[Path]:
     """Raise now the ``OSError`` (naming ``path``) that writing ``path`` would meet in a
-    read-only or locked folder, before long work: creates and removes a temporary file."""
+    read-only or locked folder, before long work: creates and removes a temporary file.
+    Returns the temporary files of ``path`` that an interrupted write left there, for the
+    caller to name (another process may be writing it right now)."""
     path = Path(path)
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else Path("."),
@@ -273,6 +277,24 @@ def check_writable(path: str | os.PathLike) -> None:
         reraise_with_path(exc, path)
     os.close(fd)
     os.unlink(tmp)
+    return leftover_temp_files(path.parent if str(path.parent) else Path("."), [path.name])
+
+
+def temp_file_pattern(names: Iterable[str]) -> re.Pattern:
+    """The temporary names the atomic writers give ``names``: ``.<name>.<8 random>.tmp``
+    (tempfile.mkstemp in save_checkpoint and atomic_write_text) and ``.<name>.tmp.png``
+    (the plots)."""
+    alternatives = "|".join(re.escape(n) for n in names)
+    return re.compile(rf"\.({alternatives})\.([a-z0-9_]{{8}}\.tmp|tmp\.png)")
+
+
+def leftover_temp_files(folder: Path, names: Iterable[str]) -> list[Path]:
+    """Regular files in ``folder`` named like an atomic writer's temporary file for one of
+    ``names``: what a write stopped hard left behind (the caller holds the folder's lock,
+    so no write is under way)."""
+    pattern = temp_file_pattern(names)
+    return sorted(p for p in Path(folder).iterdir()
+                  if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:

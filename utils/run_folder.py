@@ -17,14 +17,14 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import shlex
 import socket
-import stat
 import sys
 import time
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
+
+from utils.images import leftover_temp_files
 
 LOCK_NAME = "run.lock"
 CHECKPOINT_NAMES = ("last.pth", "best.pth")
@@ -140,23 +140,6 @@ def release_run_lock(folder: Optional[Path] = None) -> None:
 
 
 # ------------------------------------------------------------------------ the folder's contents
-
-def temp_file_pattern(names: Iterable[str]) -> re.Pattern:
-    """The temporary names the atomic writers give ``names``: ``.<name>.<8 random>.tmp``
-    (tempfile.mkstemp in save_checkpoint and atomic_write_text) and ``.<name>.tmp.png``
-    (the plots)."""
-    alternatives = "|".join(re.escape(n) for n in names)
-    return re.compile(rf"\.({alternatives})\.([a-z0-9_]{{8}}\.tmp|tmp\.png)")
-
-
-def leftover_temp_files(folder: Path, names: Iterable[str]) -> list[Path]:
-    """Regular files in ``folder`` named like an atomic writer's temporary file for one of
-    ``names``: what a write stopped hard left behind (the caller holds the folder's lock,
-    so no write is under way)."""
-    pattern = temp_file_pattern(names)
-    return sorted(p for p in Path(folder).iterdir()
-                  if pattern.fullmatch(p.name) and stat.S_ISREG(p.lstat().st_mode))
-
 
 def refusal(folder: Path, names: list[str]) -> str:
     """Why a non-empty folder is not used, and the ways on; --resume only when possible."""
