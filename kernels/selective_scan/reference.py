@@ -42,7 +42,9 @@ def _scan_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Solve ``h_t = a_t * h_{t-1} + b_t`` with ``h_{-1} = 0`` along the last dim.
 
     a, b: ``(..., L)`` of one shape and dtype. Returns h: ``(..., L)``.
-    Not differentiable itself (it writes into strided views); see :func:`linear_scan`.
+    Built from new tensors only (no writes into views), so tracers and exporters
+    (torch.export, the ONNX exporters) capture it exactly; gradients come from
+    :class:`_LinearScan`'s backward, which is cheaper than autograd through the levels.
     """
     length = a.shape[-1]
     if length <= 1:
@@ -50,15 +52,14 @@ def _scan_forward(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     pairs = length // 2
     a_even, a_odd = a[..., 0:2 * pairs:2], a[..., 1:2 * pairs:2]
     b_even, b_odd = b[..., 0:2 * pairs:2], b[..., 1:2 * pairs:2]
-    h = torch.empty_like(b)
     # steps 2i and 2i+1 composed into one step that ends at 2i+1
-    h[..., 1::2] = _scan_forward(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
-    # even steps from their odd predecessor: h_{2i} = a_{2i} * h_{2i-1} + b_{2i}
-    h[..., 0] = b[..., 0]
-    if length > 2:
-        # assigned, not out=: torch.compile refuses out= into a strided view
-        h[..., 2::2] = torch.addcmul(b[..., 2::2], a[..., 2::2], h[..., 1:-1:2])
-    return h
+    h_odd = _scan_forward(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))
+    # even steps from their odd predecessor: h_0 = b_0, h_{2i} = a_{2i} * h_{2i-1} + b_{2i}
+    h_even = torch.cat([b[..., :1], torch.addcmul(b[..., 2::2], a[..., 2::2], h_odd[..., :(length - 1) // 2])],
+                       dim=-1)
+    # interleaved back: h_0, h_1, h_2, ... (and the last even step of an odd length)
+    h = torch.stack([h_even[..., :pairs], h_odd], dim=-1).flatten(-2)
+    return torch.cat([h, h_even[..., pairs:]], dim=-1) if length % 2 else h
 
 
 class _LinearScan(torch.autograd.Function):
