@@ -1,7 +1,9 @@
 """Reading checkpoints and state dicts: the one place that does it.
 
 Files are read on the CPU with ``torch.load(weights_only=True)``: tensors and plain
-Python data only. The weights inside may be
+Python data only; ``.safetensors`` files with the safetensors library (a checkpoint of
+ours saved that way keeps its other entries as JSON under the header's
+``"checkpoint"`` metadata key, and reads back as the same dict). The weights inside may be
 
 - a bare state dict (official GroupMamba release files),
 - a state dict under ``model``, ``state_dict``, ``model_ema`` or ``state_dict_ema``
@@ -17,6 +19,7 @@ the model lacks is dropped, and anything else that does not fit is a
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -26,8 +29,8 @@ from typing import Any, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadInfo", "classifier_names", "clean_state_dict", "filter_state_dict",
-           "load_pretrained", "read_checkpoint", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "LoadInfo", "SAFETENSORS_METADATA_KEY", "classifier_names", "clean_state_dict",
+           "filter_state_dict", "load_pretrained", "read_checkpoint", "unwrap_state_dict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +39,8 @@ _PREFIXES = ("module.", "_orig_mod.")
 # (ours and the official snapshots under "model", timm's under "state_dict") before an
 # EMA copy, for files that carry only that
 _WRAPPER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+# the safetensors header entry holding a checkpoint's entries other than its weights
+SAFETENSORS_METADATA_KEY = "checkpoint"
 
 
 class CheckpointError(ValueError):
@@ -70,10 +75,32 @@ class LoadInfo:
         return "; ".join(parts)
 
 
+def _read_safetensors(path: Union[str, os.PathLike]) -> dict:
+    """The state dict of a ``.safetensors`` file, or the checkpoint dict whose other entries
+    its header keeps under :data:`SAFETENSORS_METADATA_KEY`."""
+    from safetensors import SafetensorError, safe_open  # noqa: PLC0415 - only for these files
+
+    try:
+        with safe_open(os.fspath(path), framework="pt", device="cpu") as fh:
+            entries = (fh.metadata() or {}).get(SAFETENSORS_METADATA_KEY)
+            state_dict = {key: fh.get_tensor(key) for key in fh.keys()}
+        entries = json.loads(entries) if entries else None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load {os.fspath(path)} as a safetensors file: {exc}") from exc
+    if entries is None:
+        return state_dict
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{os.fspath(path)}: the {SAFETENSORS_METADATA_KEY!r} metadata is not a JSON object")
+    return {**entries, "model": state_dict}
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Any:
-    """``torch.load(path, map_location="cpu", weights_only=True)`` with readable errors."""
+    """``torch.load(path, map_location="cpu", weights_only=True)`` with readable errors;
+    ``.safetensors`` files through safetensors (see the module's docstring)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {os.fspath(path)}")
+    if os.fspath(path).lower().endswith(".safetensors"):
+        return _read_safetensors(path)
     try:
         # argparse.Namespace is plain data; training scripts often save their arguments
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -110,8 +110,14 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = (),
     Raises CheckpointError for a missing file, a file torch cannot read, a file
     holding more than tensors and plain values, or missing keys.
     """
-    path = Path(path)
     ckpt = read_checkpoint(path)
+    require_keys(ckpt, path, required, purpose)
+    return ckpt
+
+
+def require_keys(ckpt: Any, path: str | os.PathLike, required: tuple[str, ...] = (),
+                 purpose: str = "") -> None:
+    """CheckpointError unless ``ckpt`` is a dict holding every key of ``required``."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     missing = [k for k in required if k not in ckpt]
@@ -122,7 +128,6 @@ def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = (),
             hint = (" -- it does not look like a checkpoint written by train.py (an "
                     "official release file can be used with train.py --pretrained)")
         raise CheckpointError(f"{path} lacks {', '.join(missing)}{what}{hint}")
-    return ckpt
 
 
 def check_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
