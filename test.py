@@ -14,6 +14,7 @@ Writes --output (default predictions.csv), one row per image::
 
 (top-k with k = min(--topk, number of classes); ``error`` names the problem for an
 image that cannot be read: such images are listed, not fatal, and have no prediction).
+For a single image the top-k classes are printed as well.
 
 When --images is a folder laid out as ``<folder>/<class name>/...`` with the
 checkpoint's class names (e.g. data/val), the true label is known: ACC1/ACC5 are
@@ -41,21 +42,20 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from kernels.grid_scan import SCAN_BACKENDS
-from models import ModelConfigError, create_model, is_groupmamba, load_pretrained
+from models import Classifier, ModelConfigError, is_groupmamba
 from utils.accel import resolve_scan_backend
-from utils.amp import AMP_MODES, Precision
-from utils.checkpoint import (INFERENCE_KEYS, CheckpointError, check_checkpoint,
-                              choose_weights, load_checkpoint)
+from utils.amp import AMP_MODES
+from utils.checkpoint import INFERENCE_KEYS, CheckpointError, check_checkpoint, load_checkpoint
 from utils.config import SCAN_BACKEND_ENV, choose_scan_backend
 from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
 from utils.distributed import resolve_device
-from utils.engine import predict_batches
 from utils.errors import UsageError, exit_if_known
 from utils.images import check_writable
-from utils.report import write_classification_report, write_csv
-from utils.transforms import eval_transform
+from utils.predictions import prediction_row, ranked, top_k_lines, write_predictions
+from utils.report import write_classification_report
 
 log = logging.getLogger("test")
 
@@ -97,42 +97,31 @@ def side_files(csv_path: Path) -> dict[str, Path]:
             "png": csv_path.with_name(stem + "_confusion_matrix.png")}
 
 
-def load_model(args, ckpt: dict, device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The checkpoint's model with the chosen weights, in eval mode on ``device``."""
-    state, which = choose_weights(ckpt, args.weights, args.checkpoint)
-    model = create_model(ckpt["model_name"], scan_backend=choose_scan_backend(args.scan_backend),
-                         **ckpt["model_kwargs"])
-    try:
-        load_pretrained(model, state, reset_head=False)
-    except CheckpointError as exc:
-        raise CheckpointError(f"the weights in {args.checkpoint} do not match the model they describe "
-                              f"({ckpt['model_name']}): {exc}") from exc
-    return model.to(device).eval(), which
+def load_classifier(args, ckpt: dict, device: torch.device) -> Classifier:
+    """The checkpoint's model with the chosen weights and preprocessing, in eval mode on ``device``."""
+    return Classifier.from_checkpoint(ckpt, device, args.weights, args.scan_backend, args.amp,
+                                      source=args.checkpoint)
 
 
-def prediction_rows(model, loader, dataset, precision, device, names, labels, k: int):
+def prediction_rows(clf: Classifier, loader, dataset, labels, k: int):
     """``(CSV rows, true classes, predicted classes, top-k hits, unreadable files)``."""
     rows, y_true, y_pred, top_k_hits, bad = [], [], [], 0, []
-    for probs, (indices, errors) in predict_batches(model, loader, precision, device):
-        top_p, top_i = probs.topk(k, dim=1)
-        for j, (i, err) in enumerate(zip(indices.tolist(), errors)):
-            row = {"file": dataset.files[i], "error": err}
-            if labels is not None:
-                row["label"] = names[labels[i]]
-            rows.append(row)
+    for images, indices, errors in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=None):
+        for p, i, err in zip(clf.probabilities(images).numpy(), indices.tolist(), errors):
             if err:
+                row = {"file": dataset.files[i], "error": err}
                 bad.append((dataset.files[i], err))
-                continue
-            pred = int(top_i[j, 0])
-            row.update(predicted=names[pred], confidence=f"{float(top_p[j, 0]):.6f}")
-            for r in range(k):
-                row[f"class_{r + 1}"] = names[int(top_i[j, r])]
-                row[f"prob_{r + 1}"] = f"{float(top_p[j, r]):.6f}"
+            else:
+                top = ranked(p, k)
+                row = prediction_row(dataset.files[i], p, clf.class_names, top)
             if labels is not None:
-                row["correct"] = int(pred == labels[i])
+                row["label"] = clf.class_names[labels[i]]
+            rows.append(row)
+            if labels is not None and not err:
+                row["correct"] = int(top[0] == labels[i])
                 y_true.append(labels[i])
-                y_pred.append(pred)
-                top_k_hits += int(labels[i] in top_i[j].tolist())
+                y_pred.append(top[0])
+                top_k_hits += int(labels[i] in top)
     return rows, y_true, y_pred, top_k_hits, bad
 
 
@@ -193,28 +182,25 @@ def write_report(args, ckpt, which: str, folder, names, y_true, y_pred, top_k_hi
 
 def run(args) -> int:
     ckpt, files, folder, labels, device, out, extra = prepare(args)
-    names, img_size = ckpt["class_names"], int(ckpt["img_size"])
-    model, which = load_model(args, ckpt, device)
-    precision = Precision(args.amp, device)
+    clf = load_classifier(args, ckpt, device)
+    names, img_size = clf.class_names, clf.img_size
     log.info("%s: %s (%s weights, %d classes, %d px) on %s; %d image(s)%s",
-             args.checkpoint, ckpt["model_name"], which, len(names), img_size, device,
+             args.checkpoint, clf.model_name, clf.weights, len(names), img_size, device,
              len(files), f", labelled by folder ({folder})" if labels else "")
 
-    dataset = PredictDataset(files, eval_transform(img_size, ckpt["mean"], ckpt["std"]), img_size)
+    dataset = PredictDataset(files, clf.transform, img_size)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     k = min(args.topk, len(names))
-    rows, y_true, y_pred, top_k_hits, bad = prediction_rows(model, loader, dataset, precision, device, names,
-                                                            labels, k)
-    fields = ["file"] + (["label", "correct"] if labels is not None else []) + \
-        ["predicted", "confidence"] + \
-        [f for r in range(1, k + 1) for f in (f"class_{r}", f"prob_{r}")] + ["error"]
-    write_csv(out, fields, rows)
+    rows, y_true, y_pred, top_k_hits, bad = prediction_rows(clf, loader, dataset, labels, k)
+    write_predictions(out, rows, k, labels is not None)
     log.info("wrote %d predictions to %s", len(rows) - len(bad), out)
+    if len(rows) == 1 and not bad:
+        log.info("%s:\n%s", rows[0]["file"], "\n".join(top_k_lines(rows[0], k)))
     if bad:
         report_unreadable(bad, out)
     if labels is not None and y_true:
-        write_report(args, ckpt, which, folder, names, y_true, y_pred, top_k_hits, k, extra)
+        write_report(args, ckpt, clf.weights, folder, names, y_true, y_pred, top_k_hits, k, extra)
     elif folder is not None and labels is None:
         log.info("(no accuracy: %s is not laid out as <folder>/<class name>/... with the "
                  "checkpoint's class names)", folder)

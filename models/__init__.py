@@ -3,6 +3,7 @@
     import models, timm
     model = timm.create_model("groupmamba_tiny", num_classes=12)
     model = models.create_model("groupmamba_tiny", num_classes=12, checkpoint_path="release.pth")
+    clf = models.Classifier.from_checkpoint("runs/mine/best.pth"); clf.predict("photo.jpg")
 """
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ import timm
 import torch.nn as nn
 
 from ._helpers import CheckpointError, LoadInfo, load_pretrained, read_checkpoint
+from .classifier import Classifier
 from .csms6s import SCAN_DIRECTIONS, from_sequence, selective_scan, to_sequence
 from .groupmamba import GroupMamba, GroupMambaLayer, checkpoint_filter_fn, groupmamba_base, groupmamba_small, \
     groupmamba_tiny
 from .ss2d import SS2D
 
 __all__ = [
-    "GroupMamba", "GroupMambaLayer", "SS2D", "LoadInfo", "SCAN_DIRECTIONS", "CheckpointError", "ModelConfigError",
+    "Classifier", "GroupMamba", "GroupMambaLayer", "SS2D", "LoadInfo", "SCAN_DIRECTIONS", "CheckpointError", "ModelConfigError",
     "checkpoint_filter_fn", "load_pretrained", "read_checkpoint", "create_model", "list_models", "is_groupmamba",
     "check_model_name", "groupmamba_tiny", "groupmamba_small", "groupmamba_base",
     "to_sequence", "from_sequence", "selective_scan",

@@ -26,7 +26,6 @@ main process reads after each epoch.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 import tempfile
@@ -40,13 +39,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utils.images import ImageReadError, atomic_write_text, is_image_file, open_rgb, scan_image_folder
+# DatasetError, collect_images and labels_from_folder live in utils.images (no torch there,
+# for predict_onnx.py); they are re-exported here
+from utils.images import (DatasetError, ImageReadError, atomic_write_text, collect_images,  # noqa: F401
+                          labels_from_folder, open_rgb, scan_image_folder)
 
 CHECK_MODES = ("full", "header", "none")
-
-
-class DatasetError(ValueError):
-    """A data folder that cannot be trained on; the message says why and what to do."""
 
 
 @dataclass
@@ -241,49 +239,6 @@ class ImageDataset(Dataset):
 
 
 # ----------------------------------------------------------------------- test.py inputs
-
-def collect_images(spec: str) -> tuple[list[Path], Optional[Path]]:
-    """Images named by ``spec``: one image file, a folder (searched recursively), or a
-    glob pattern (``**`` allowed). Returns the sorted files and the folder when ``spec``
-    was a folder (else None). Hidden files are ignored in folders."""
-    path = Path(spec)
-    if path.is_file():
-        if not is_image_file(path):
-            raise DatasetError(f"not an image file (extension): {path}")
-        return [path], None
-    if path.is_dir():
-        files = []
-        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [Path(dirpath, f) for f in filenames
-                      if not f.startswith(".") and is_image_file(f)]
-        if not files:
-            raise DatasetError(f"no image files under {path}")
-        return sorted(files), path
-    if glob.has_magic(spec):
-        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
-                       if os.path.isfile(p) and is_image_file(p))
-        if not files:
-            raise DatasetError(f"no image files match {spec!r}")
-        return files, None
-    raise DatasetError(f"--images not found: {spec} (give an image, a folder or a glob)")
-
-
-def labels_from_folder(files: Sequence[Path], folder: Optional[Path],
-                       class_names: Sequence[str]) -> Optional[list[int]]:
-    """Class indices when ``folder`` is laid out as ``folder/<class name>/...`` with the
-    checkpoint's class names for every image; None when it is not labelled that way."""
-    if folder is None:
-        return None
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = []
-    for f in files:
-        parts = f.relative_to(folder).parts
-        if len(parts) < 2 or parts[0] not in index:
-            return None
-        labels.append(index[parts[0]])
-    return labels
-
 
 class PredictDataset(Dataset):
     """``(tensor, index, error)`` per file; an unreadable file gives a zero tensor and

@@ -1,4 +1,6 @@
-"""Image-folder helpers shared by mean_std.py, makedata.py, train.py and test.py.
+"""Image-folder helpers shared by the scripts (mean_std.py ... test.py, predict_onnx.py).
+
+Needs only numpy and Pillow (no torch), so predict_onnx.py can use it.
 
 A data set is a folder with one sub-folder per class (the torchvision ImageFolder
 layout)::
@@ -15,7 +17,10 @@ The public API is small:
     folders (name starting with ".") are skipped; non-image files inside class
     folders and images lying directly under ``root`` are reported in ``skipped``.
     Class indices follow the sorted class names, as in torchvision's ImageFolder.
-``open_rgb(path) -> PIL.Image.Image``
+``collect_images(spec) -> (files, folder)`` / ``labels_from_folder(files, folder, names)``
+    The images test.py and predict_onnx.py predict: one file, a folder (recursive)
+    or a glob pattern; and their labels when the folder is laid out by class.
+``open_rgb(path) -> PIL.Image.Image`` / ``to_rgb(image)``
     Decodes any image (modes L, P, RGBA, LA, CMYK, I;16, I, F, ...) to an 8-bit RGB
     image; raises ``ImageReadError`` with the path and the reason when it cannot.
 ``atomic_write_text(path, text)`` / ``atomic_write_json(path, obj)``
@@ -30,6 +35,7 @@ errors.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -37,7 +43,7 @@ import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,15 +52,19 @@ from utils.errors import reraise_with_path
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DatasetError",
     "ImageFolderIndex",
     "ImageReadError",
     "atomic_write_json",
     "atomic_write_text",
     "check_writable",
+    "collect_images",
     "update_json",
     "is_image_file",
+    "labels_from_folder",
     "open_rgb",
     "scan_image_folder",
+    "to_rgb",
 ]
 
 #: Extensions (lower case, with the dot) of the files treated as images.
@@ -65,6 +75,10 @@ IMAGE_EXTENSIONS = frozenset({
 
 #: Colour used under transparent pixels by ``open_rgb`` unless told otherwise.
 DEFAULT_BACKGROUND = (255, 255, 255)
+
+
+class DatasetError(ValueError):
+    """A data folder or image list that cannot be used; the message says why and what to do."""
 
 
 class ImageReadError(OSError):
@@ -167,6 +181,49 @@ def scan_image_folder(root: str | os.PathLike) -> ImageFolderIndex:
     return index
 
 
+def collect_images(spec: str) -> tuple[list[Path], Optional[Path]]:
+    """Images named by ``spec``: one image file, a folder (searched recursively), or a
+    glob pattern (``**`` allowed). Returns the sorted files and the folder when ``spec``
+    was a folder (else None). Hidden files are ignored in folders."""
+    path = Path(spec)
+    if path.is_file():
+        if not is_image_file(path):
+            raise DatasetError(f"not an image file (extension): {path}")
+        return [path], None
+    if path.is_dir():
+        files = []
+        for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath, f) for f in filenames
+                      if not f.startswith(".") and is_image_file(f)]
+        if not files:
+            raise DatasetError(f"no image files under {path}")
+        return sorted(files), path
+    if glob.has_magic(spec):
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True)
+                       if os.path.isfile(p) and is_image_file(p))
+        if not files:
+            raise DatasetError(f"no image files match {spec!r}")
+        return files, None
+    raise DatasetError(f"--images not found: {spec} (give an image, a folder or a glob)")
+
+
+def labels_from_folder(files: Sequence[Path], folder: Optional[Path],
+                       class_names: Sequence[str]) -> Optional[list[int]]:
+    """Class indices when ``folder`` is laid out as ``folder/<class name>/...`` with the
+    checkpoint's class names for every image; None when it is not labelled that way."""
+    if folder is None:
+        return None
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = []
+    for f in files:
+        parts = f.relative_to(folder).parts
+        if len(parts) < 2 or parts[0] not in index:
+            return None
+        labels.append(index[parts[0]])
+    return labels
+
+
 # --------------------------------------------------------------------------- decoding
 
 def _high_depth_to_l(img: Image.Image) -> Image.Image:
@@ -185,7 +242,8 @@ def _high_depth_to_l(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """A decoded image of any mode as 8-bit RGB, as :func:`open_rgb` converts it."""
     mode = img.mode
     if mode == "RGB":
         return img.copy()
@@ -219,7 +277,7 @@ def open_rgb(path: str | os.PathLike,
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img) or img
-            return _to_rgb(img, background)
+            return to_rgb(img, background)
     except ImageReadError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError, TypeError,
