@@ -237,7 +237,7 @@ def test_train_out_of_gpu_memory(train_script, monkeypatch, capsys, tmp_path, sp
 
 
 def test_predict_out_of_memory_names_the_batch_size(test_script, monkeypatch, capsys, tmp_path, trained, split):
-    monkeypatch.setattr(test_script, "predict_batches", raise_cpu_out_of_memory)
+    monkeypatch.setattr(test_script, "prediction_rows", raise_cpu_out_of_memory)
     code, text = exit_status(test_script.main, ["--checkpoint", trained / "best.pth", "--images", split / "val",
                                           "--output", tmp_path / "p.csv", "--batch-size", "4", "--workers", "0",
                                           "--device", "cpu"], capsys)
@@ -423,7 +423,7 @@ def test_predict_output_folder_is_refused_before_predicting(test_script, monkeyp
     folder = tmp_path / "results"
     folder.mkdir()
     (folder / "mine.txt").write_text("keep")
-    monkeypatch.setattr(test_script, "predict_batches", lambda *a, **k: pytest.fail("predicted first"))
+    monkeypatch.setattr(test_script, "prediction_rows", lambda *a, **k: pytest.fail("predicted first"))
     code, text = predict(test_script, capsys, trained, split / "val", folder, "--force")
     assert code == 2 and f"--output {folder} is a folder" in one_line(text)
     assert snapshot(folder) == {"mine.txt": b"keep"}
@@ -451,7 +451,7 @@ def test_predict_read_only_folder_is_said_before_predicting(test_script, monkeyp
                                                             split):
     disk = tmpfs("ro", "1m")
     remount_read_only(disk)
-    monkeypatch.setattr(test_script, "predict_batches", lambda *a, **k: pytest.fail("predicted first"))
+    monkeypatch.setattr(test_script, "prediction_rows", lambda *a, **k: pytest.fail("predicted first"))
     code, text = predict(test_script, capsys, trained, split / "val", disk / "p.csv")
     assert code == 2 and f"{disk / 'p.csv'}: the file system is read-only" in one_line(text)
 
