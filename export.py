@@ -42,11 +42,11 @@ from pathlib import Path
 
 import torch
 
-from kernels.selective_scan import BackendUnavailableError
 from models import CheckpointError, Classifier, ModelConfigError
 from models._helpers import SAFETENSORS_METADATA_KEY
 from utils.checkpoint import FORMAT
-from utils.images import atomic_write_json
+from utils.errors import exit_if_known, reraise_with_path
+from utils.images import atomic_write_json, check_writable
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2", "safetensors": ".safetensors"}
 METADATA_NAME = "classifier"  # the ONNX metadata key; the pt2 extra file is METADATA_NAME + ".json"
@@ -96,19 +96,25 @@ def output_paths(args) -> tuple[Path, Path]:
 
 
 def claim_outputs(paths: tuple[Path, ...], force: bool) -> None:
+    folders = [str(p) for p in paths if p.is_dir()]
+    if folders:
+        raise ExportError(f"{folders[0]} is a folder; give --output a file name")
     existing = [str(p) for p in paths if p.exists()]
     if existing and not force:
         raise ExportError(f"{', '.join(existing)} already exist(s); pass --force to overwrite or choose "
                           "another --output")
     paths[0].parent.mkdir(parents=True, exist_ok=True)
+    check_writable(paths[0])  # a read-only folder is said now, not after the export
 
 
 @contextlib.contextmanager
 def atomic_path(path: Path):
     """A temporary path in ``path``'s folder, renamed to ``path`` when the block succeeds:
     an interrupted export never leaves a half-written file under the real name."""
-    # the real extension last: readers (torch.export, safetensors) go by it
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    try:  # the real extension last: readers (torch.export, safetensors) go by it
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    except OSError as exc:
+        reraise_with_path(exc, path)
     os.close(fd)
     try:
         yield tmp
@@ -285,9 +291,10 @@ def main(argv=None) -> None:
     except CheckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
-    except (ExportError, CheckpointError, ModelConfigError, BackendUnavailableError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
+    except Exception as exc:
+        exit_if_known(exc, code=2, known=(ExportError, CheckpointError, ModelConfigError),
+                      memory_hint="export needs the model and a batch of 4 images in memory")
+        raise
     sys.exit(code)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from utils.errors import UsageError, exit_if_known
 from utils.images import DatasetError, ImageReadError, collect_images, labels_from_folder, open_rgb
 from utils.predictions import prediction_row, ranked, top_k_lines, write_predictions
 
@@ -128,10 +129,12 @@ def run(args) -> int:
     import onnxruntime
 
     if args.batch_size < 1 or args.topk < 1 or args.threads < 0:
-        raise ValueError("--batch-size and --topk must be >= 1, --threads >= 0")
+        raise UsageError("--batch-size and --topk must be >= 1, --threads >= 0")
     out, model_path = Path(args.output), Path(args.model)
+    if out.is_dir():
+        raise UsageError(f"--output {out} is a folder; give a CSV file name")
     if out.exists() and not args.force:
-        raise ValueError(f"{out} already exists; pass --force to overwrite or choose another --output")
+        raise UsageError(f"{out} already exists; pass --force to overwrite or choose another --output")
     if not model_path.is_file():
         raise ModelMetadataError(f"model not found: {model_path}")
     options = onnxruntime.SessionOptions()
@@ -164,14 +167,13 @@ def main(argv=None) -> None:
     except ImportError as exc:
         print(f"error: {exc} (pip install onnxruntime numpy pillow)", file=sys.stderr)
         code = 2
-    except (ModelMetadataError, DatasetError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
-    except Exception as exc:  # onnxruntime's errors for a file it cannot load or run
-        if type(exc).__module__.split(".")[0] != "onnxruntime":
-            raise
-        print(f"error: onnxruntime: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
-        code = 2
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] == "onnxruntime":  # a file it cannot load or run
+            print(f"error: onnxruntime: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+            sys.exit(2)
+        exit_if_known(exc, code=2, known=(ModelMetadataError, DatasetError, UsageError),
+                      memory_hint=f"the run used --batch-size {args.batch_size}; lower --batch-size")
+        raise
     sys.exit(code)
 
 
