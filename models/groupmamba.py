@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -342,6 +343,7 @@ class GroupMamba(nn.Module):
         self.embed_dims = list(embed_dims)
         self.distillation = distillation
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False  # set_grad_checkpointing
 
         rates = _drop_path_rates(drop_path_rate, sum(depths))
         first_block = 0
@@ -412,12 +414,26 @@ class GroupMamba(nn.Module):
     def _head_names(self) -> tuple[str, ...]:
         return HEAD_NAMES if self.distillation else HEAD_NAMES[:1]
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: in training, keep only each GroupMambaBlock's input and recompute
+        the block's activations in the backward (the same numerics, a fraction of the
+        activation memory, one more forward of the blocks per step)."""
+        self.grad_checkpointing = enable
+
+    def _run_block(self, block: nn.Module, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # non-reentrant: the recomputation replays the block's stochastic depth draw
+            # (the RNG state is restored) and frees each block's activations after its backward
+            return checkpoint(block, x, height, width, use_reentrant=False)
+        return block(x, height, width)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``(B, in_chans, H, W)`` -> normed class-token features ``(B, num_features)``."""
         for stage in range(1, self.num_stages + 1):
             x, height, width = getattr(self, f"patch_embed{stage}")(x)
             for block in getattr(self, f"block{stage}"):
-                x = block(x, height, width)
+                x = self._run_block(block, x, height, width)
             if stage < self.num_stages:
                 x = getattr(self, f"norm{stage}")(x)
                 # a channels-last view back to a map; the next conv keeps that layout

@@ -530,3 +530,36 @@ def test_stem_runs_its_convolutions_channels_last():
     tokens, height, width = stem(torch.randn(2, 3, 32, 32))  # an NCHW batch, as loaders give
     assert seen[0].is_contiguous(memory_format=torch.channels_last)
     assert tokens.shape == (2, 64, 16) and (height, width) == (8, 8)
+
+
+def test_grad_checkpointing_recomputes_each_block_with_the_same_gradients():
+    """timm's set_grad_checkpointing: each GroupMambaBlock runs again in the backward (its
+    stochastic depth draw replayed), and the logits and every gradient are those of the
+    plain model; evaluation and no_grad forwards run each block once."""
+    from models.groupmamba import GroupMambaBlock
+    model = small_model(num_classes=5, drop_path_rate=0.3).train()
+    calls = []
+    for block in model.modules():
+        if isinstance(block, GroupMambaBlock):
+            # a pre-hook: the recomputation stops once it has the tensors the backward needs
+            block.register_forward_pre_hook(lambda module, inputs: calls.append(module))
+    images = torch.randn(4, 3, 64, 64)
+    results = {}
+    for on in (False, True):
+        model.set_grad_checkpointing(on)
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        torch.manual_seed(0)
+        head, dist_head = model(images)
+        (head.square().mean() + dist_head.logsumexp(1).mean()).backward()
+        results[on] = (head.detach(), len(calls), {n: p.grad for n, p in model.named_parameters()})
+    blocks = sum(model.depths)
+    assert model.grad_checkpointing and results[False][1] == blocks and results[True][1] == 2 * blocks
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[False][2].items():
+        torch.testing.assert_close(results[True][2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    calls.clear()
+    with torch.no_grad():
+        model(images)
+    model.eval()(images)
+    assert len(calls) == 2 * blocks
