@@ -28,7 +28,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 
 from models import CheckpointError, ModelConfigError, create_model, load_pretrained  # noqa: E402
 from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  # noqa: E402
-                         describe_compile_seconds, plan_speed)
+                         describe_compile_seconds, plan_speed, set_grad_checkpointing)
 from utils.amp import Precision, resolve_amp  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
                               save_checkpoint, to_cpu, to_plain, training_checkpoint)
@@ -104,6 +104,8 @@ def build_loss(config, num_classes: int):
 def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher) -> Parts:
     kwargs = {"num_classes": num_classes, **({"drop_path_rate": config.drop_path} if config.drop_path > 0 else {})}
     model = create_model(config.model, scan_backend=plan.scan_backend, low_memory=plan.low_memory, **kwargs)
+    if not set_grad_checkpointing(model, plan):
+        log.warning("%s has no gradient checkpointing: it trains with all activations kept", config.model)
     if isinstance(getattr(model, "distillation", None), bool):
         kwargs["distillation"] = model.distillation
     loaded = ""

@@ -5,8 +5,9 @@
     python bench/bench_model.py --models groupmamba_small groupmamba_base --compile --cuda-graph
 
 The speed options are train.py's (``--scan-backend``, ``--compile``, ``--cuda-graph``,
-``--low-memory``, decided by ``utils.accel.plan_speed``), so a row measures what a
-training run with the same flags runs. For each model, on one GPU, with synthetic data:
+``--low-memory``, ``--grad-checkpointing``, decided by ``utils.accel.plan_speed``), so a
+row measures what a training run with the same flags runs. For each model, on one GPU,
+with synthetic data:
 
 - training images/s: forward + backward + AdamW step under bf16 autocast
   (``--train-batch``, default 128, at ``--img-size``, default 224);
@@ -46,7 +47,7 @@ import torch
 import torch._inductor.config as inductor_config
 
 import models
-from utils.accel import SpeedPlan, compile_regions, compile_seconds, plan_speed
+from utils.accel import SpeedPlan, compile_regions, compile_seconds, plan_speed, set_grad_checkpointing
 from utils.config import add_speed_arguments, choose_scan_backend
 from utils.cuda_graphs import capture
 from utils.distributed import DistEnv
@@ -204,7 +205,8 @@ def make_train_step(model, parameters, images, labels, graphed: bool = False):
 def speed_plan(name: str, args) -> SpeedPlan:
     """What train.py with these speed flags would run for model ``name`` on this GPU."""
     request = SimpleNamespace(model=name, scan_backend=args.scan_backend, compile=args.compile,
-                              cuda_graph=args.cuda_graph, low_memory=args.low_memory, teacher=None)
+                              cuda_graph=args.cuda_graph, low_memory=args.low_memory,
+                              grad_checkpointing=args.grad_checkpointing, teacher=None)
     return plan_speed(request, DistEnv(device=torch.device("cuda")), grad_scaling=False)
 
 
@@ -274,13 +276,15 @@ def bench_one(name: str, args, size: int, train_batch: int, infer: bool = True) 
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     plan = speed_plan(name, args)
     row = {"model": name, "scan_backend": plan.scan_backend, "mode": mode_name(plan),
-           "low_memory": plan.low_memory, "img_size": size, "train_batch": train_batch}
+           "low_memory": plan.low_memory, "grad_checkpointing": plan.grad_checkpointing, "img_size": size,
+           "train_batch": train_batch}
     row.update({key: value for key in ("dwconv_config", "grid_scan_config", "inductor_config")
                 if (value := getattr(args, key))})
     if args.profile:
         print(f"--- {name} {row['mode']}", flush=True)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=plan.scan_backend,
                                 low_memory=plan.low_memory).cuda()
+    set_grad_checkpointing(model, plan)
     tables = {}
     try:
         if plan.compile:

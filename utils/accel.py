@@ -1,5 +1,6 @@
 """Speed decisions in one place: which scan runs, what is compiled, which steps are
-replayed from CUDA graphs, how much activation memory is kept.
+replayed from CUDA graphs, how much activation memory is kept (``--low-memory``,
+gradient checkpointing).
 
 :func:`plan_speed` turns the requested settings into a :class:`SpeedPlan` once, before
 the model is built; train.py logs it, records it in ``args.json`` and passes it down.
@@ -21,9 +22,9 @@ from kernels.selective_scan import BackendUnavailableError, available_backends
 from models import is_groupmamba
 from utils.cuda_graphs import CapturedForward, CapturedTrainStep
 
-__all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "compile_blocks", "compile_regions", "compile_seconds",
-           "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds", "plan_speed",
-           "resolve_scan_backend"]
+__all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "choose_grad_checkpointing", "compile_blocks", "compile_regions",
+           "compile_seconds", "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds",
+           "plan_speed", "resolve_scan_backend", "set_grad_checkpointing"]
 
 # the compiler's activation memory budget in low-memory mode: below 1 its partitioner
 # recomputes cheap activations in the backward instead of keeping them (same numerics)
@@ -37,11 +38,13 @@ class SpeedPlan:
     compile: bool
     cuda_graph: bool
     low_memory: bool
-    notes: tuple[str, ...] = ()  # why a requested option is off
+    grad_checkpointing: bool = False
+    notes: tuple[str, ...] = ()  # why a requested option is off, or on when not asked for
 
     def describe(self) -> str:
         on = [name for name, flag in (("compiled blocks", self.compile), ("CUDA graphs", self.cuda_graph),
-                                      ("low memory", self.low_memory)) if flag]
+                                      ("low memory", self.low_memory),
+                                      ("gradient checkpointing", self.grad_checkpointing)) if flag]
         scan = f"scan backend {self.scan_backend}; " if self.scan_backend else ""
         return scan + (", ".join(on) if on else "eager")
 
@@ -106,7 +109,41 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
         notes.append("--compile is off under DataParallel (for several GPUs and compiling, use "
                      "torchrun --nproc_per_node=N)")
         compile_ = False
-    return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, tuple(notes))
+    grad_checkpointing, note = choose_grad_checkpointing(config.grad_checkpointing, env.device)
+    notes += [note] if note else []
+    if grad_checkpointing and cuda_graph:
+        # the recomputation saves and restores the random-number state inside the step
+        notes.append("--grad-checkpointing is off: this toolkit does not capture recomputed blocks in "
+                     "CUDA graphs (choose one of --grad-checkpointing and --cuda-graph)")
+        grad_checkpointing = False
+    return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, grad_checkpointing, tuple(notes))
+
+
+def choose_grad_checkpointing(requested: Optional[bool], device: torch.device) -> tuple[bool, Optional[str]]:
+    """``(on, a note when on by default)``: what ``--grad-checkpointing`` asks, else on for a
+    CPU and off for a GPU. On a CPU a fp32 step keeps about 0.32 GiB of activations per
+    224 px image of groupmamba_tiny (about 21 GiB at the default batch 64), 0.12 GiB
+    with checkpointing, for about a quarter more time per step (bench/RESULTS.md); a
+    GPU's default bf16 steps fit into its memory, and its speed comes first."""
+    if requested is not None:
+        return requested, None
+    if device.type != "cpu":
+        return False, None
+    return True, ("gradient checkpointing is on (the CPU default): blocks are recomputed in the backward, "
+                  "for less than half the memory and about a quarter more time per step; "
+                  "--no-grad-checkpointing turns it off")
+
+
+def set_grad_checkpointing(model: torch.nn.Module, plan: SpeedPlan) -> bool:
+    """Apply the plan's gradient checkpointing through timm's ``set_grad_checkpointing``;
+    False when the plan wants it and the model cannot."""
+    if not plan.grad_checkpointing:
+        return True
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError):  # timm asserts for models without it
+        return False
+    return True
 
 
 def compile_regions(modules, plan: SpeedPlan) -> list[str]:
