@@ -43,6 +43,7 @@ from utils.engine import NonFiniteLossError, heads_loss, predict_batches, train_
 from utils.errors import LogFile, exit_if_known  # noqa: E402
 from utils.images import atomic_write_json  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
+from utils.memory import check_step_memory  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
 from utils.report import plot_curves, write_classification_report, write_csv  # noqa: E402
 from utils.run_folder import release_run_lock  # noqa: E402
@@ -253,6 +254,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     except ValueError as exc:
         raise DatasetError(str(exc)) from exc
     plan = plan_speed(config, env, grad_scaling=resolve_amp(config.amp, env.device) == "fp16")
+    check_step_memory(config, plan.grad_checkpointing, env.device)  # before minutes of image checks
     teacher_source = resolve_teacher_source(config.teacher, config.teacher_checkpoint) if config.teacher else None
     # every input is checked before the output folder is created
     clock = {"imports and set-up": time.perf_counter()}
