@@ -42,6 +42,7 @@ from utils.ema import ModelEma  # noqa: E402
 from utils.engine import NonFiniteLossError, heads_loss, predict_batches, train_one_epoch, validate  # noqa: E402
 from utils.errors import LogFile, exit_if_known  # noqa: E402
 from utils.images import atomic_write_json  # noqa: E402
+from utils.interrupt import INTERRUPTED_EXIT_CODE, stop_on_sigint  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.memory import check_step_memory  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
@@ -331,13 +332,15 @@ def main(argv=None) -> None:
     config, resume_ckpt = parse_config(argv)
     env = setup_distributed(config.device)
     try:
-        run(config, resume_ckpt, env)
+        with stop_on_sigint():  # a second Ctrl-C exits at once
+            run(config, resume_ckpt, env)
     except Exception as exc:
         exit_if_known(exc, known=(DatasetError, CheckpointError, ModelConfigError), memory_hint=memory_hint(config))
         raise
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; the last checkpoint written is intact "
-                         "(continue with --resume <output>/last.pth)") from None
+        print("interrupted; the checkpoints written so far are intact (a run with a last.pth continues "
+              "with --resume <output>/last.pth)", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
     finally:
         release_run_lock()  # rank 0's, however the run ended
         cleanup_distributed(env)

@@ -1,14 +1,15 @@
 """CPU training memory: the gradient checkpointing decision, the pre-flight estimate and its
-advice. In-process, with made-up amounts of available memory."""
+advice, and what Ctrl-C does. In-process, with made-up amounts of available memory."""
 from __future__ import annotations
 
 import re
+import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from utils import memory
+from utils import interrupt, memory
 from utils.accel import choose_grad_checkpointing, plan_speed, set_grad_checkpointing
 from utils.config import build_parser
 from utils.distributed import DistEnv
@@ -113,3 +114,22 @@ def test_available_memory_is_read_from_the_system():
     available = memory.available_gib()
     assert available is None or 0 < available < 1 << 20
 
+
+def test_first_ctrl_c_interrupts_and_the_second_exits_at_once(monkeypatch):
+    exits = []
+
+    def exit_now(code):  # os._exit, without ending the test's process
+        exits.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(interrupt.os, "_exit", exit_now)
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.stop_on_sigint():
+        handler = signal.getsignal(signal.SIGINT)
+        assert isinstance(handler, interrupt.SigintHandler)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        with pytest.raises(SystemExit):
+            handler(signal.SIGINT, None)
+        assert exits == [interrupt.INTERRUPTED_EXIT_CODE] == [130]
+    assert signal.getsignal(signal.SIGINT) is before

@@ -14,8 +14,10 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,6 +198,35 @@ def test_ddp_torchrun_cpu(tmp_path, split):
     assert (out / "report.txt").is_file()
     assert "ImageNet mean/std" in output(proc)
     assert not (out / "run.lock").exists()  # rank 0 held it for both ranks and removed it
+
+
+
+def test_ctrl_c_stops_a_cpu_run_within_seconds_and_keeps_last_pth(tmp_path, split):
+    """SIGINT in the middle of a resumed run (checkpointed blocks, two DataLoader workers):
+    exit code 130 within 5 s, the message, last.pth as it was."""
+    out = tmp_path / "run"
+    ok(run("train.py", "--data", split, "--output", out, "--epochs", "1", *TINY, timeout=120))
+    before = (out / "last.pth").read_bytes()
+    proc = subprocess.Popen([sys.executable, "train.py", "--resume", str(out), "--epochs", "1000",
+                             "--max-train-batches", "1000", "--save-every", "1000", "--workers", "2"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        lines = []
+        while not any("steps/epoch" in line for line in lines):  # logged just before the first step
+            lines.append(proc.stdout.readline())
+            assert lines[-1] or proc.poll() is None, "".join(lines)
+        time.sleep(2.0)  # inside the steps now
+        assert proc.poll() is None, "".join(lines)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[0]
+        seconds = time.monotonic() - start
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert seconds < 5.0 and "interrupted; the checkpoints written so far are intact" in rest, (seconds, rest)
+    assert (out / "last.pth").read_bytes() == before
 
 
 # ----------------------------------------------------------------------- train.py errors
@@ -592,7 +623,7 @@ def test_resume_is_exact(train_script, capsys, tmp_path, split, monkeypatch):
     monkeypatch.setattr(train_script, "train_one_epoch", stop_at_epoch_2)
     code, text = exits(train_script.main,
                        common + ["--output", tmp_path / "broken"], capsys)
-    assert "interrupted" in str(code)
+    assert code == 130 and "interrupted; the checkpoints written so far are intact" in text
     monkeypatch.setattr(train_script, "train_one_epoch", real)
     train_script.main([str(a) for a in ["--resume", tmp_path / "broken" / "last.pth"]])
 

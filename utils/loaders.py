@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from utils.datasets import ImageDataset, SkippedImages
 from utils.distributed import DistEnv, ShardSampler, broadcast_object
 from utils.gpu_data import GpuLoader, build_gpu_loaders, choose_gpu_data, decoded_bytes, full_eval_loader
+from utils.interrupt import ignore_sigint
 from utils.transforms import eval_transform, train_transform
 
 __all__ = ["build_loaders", "report_loader"]
@@ -53,7 +54,8 @@ def build_loaders(config, train_split, val_split, mean, std, env: DistEnv,
     _check_batch(len(train_ds), len(train_sampler), config.batch_size, env)
     # workers are not persistent: each epoch's workers are seeded from the main RNG, which
     # a checkpoint restores, so a resumed run augments exactly as an unbroken one
-    common = dict(num_workers=config.workers, pin_memory=env.device.type == "cuda")
+    # workers leave Ctrl-C to the main process (utils.interrupt)
+    common = dict(num_workers=config.workers, pin_memory=env.device.type == "cuda", worker_init_fn=ignore_sigint)
     train_loader = DataLoader(train_ds, batch_size=config.batch_size, sampler=train_sampler,
                               drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=config.val_batch_size, sampler=val_order, **common)
@@ -67,4 +69,4 @@ def report_loader(config, val_loader, val_split, mean, std, env: DistEnv):
     return DataLoader(ImageDataset(val_split.samples, eval_transform(config.img_size, mean, std),
                                    val_loader.dataset.skipped),
                       batch_size=config.val_batch_size, num_workers=config.workers,
-                      pin_memory=env.device.type == "cuda")
+                      pin_memory=env.device.type == "cuda", worker_init_fn=ignore_sigint)

@@ -1,0 +1,55 @@
+"""Ctrl-C during a run: the first one stops it, a second one exits at once.
+
+Python runs a signal handler between bytecodes of the main thread, so the first Ctrl-C
+takes effect once the operation running then returns (with gradient checkpointing on a
+CPU, a block's recomputation at the most). The run then unwinds as from any
+``KeyboardInterrupt``; checkpoints are written atomically, so ``last.pth`` is either the
+previous one or the new one. A second Ctrl-C does not wait for that: it ends the process.
+DataLoader workers ignore SIGINT (a terminal sends it to the whole process group): the
+main process alone decides, and its exit stops them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+__all__ = ["INTERRUPTED_EXIT_CODE", "SigintHandler", "ignore_sigint", "stop_on_sigint"]
+
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a process ended by Ctrl-C
+
+
+class SigintHandler:
+    """A SIGINT handler: ``KeyboardInterrupt`` the first time, ``os._exit`` the second."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, signum, frame) -> None:
+        self.count += 1
+        if self.count > 1:
+            # no clean-up: the first interrupt's is what is taking too long
+            os.write(2, b"\ninterrupted again: exiting now\n")
+            os._exit(INTERRUPTED_EXIT_CODE)
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_on_sigint() -> Iterator[None]:
+    """Install :class:`SigintHandler` for the block (main thread only; elsewhere nothing
+    changes, as signal handlers can only be set there), then restore the previous one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, SigintHandler())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave Ctrl-C to the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
