@@ -1,10 +1,12 @@
 """Ctrl-C during a run: the first one stops it, a second one exits at once.
 
 Python runs a signal handler between bytecodes of the main thread, so the first Ctrl-C
-takes effect once the operation running then returns (with gradient checkpointing on a
-CPU, a block's recomputation at the most). The run then unwinds as from any
-``KeyboardInterrupt``; checkpoints are written atomically, so ``last.pth`` is either the
-previous one or the new one. A second Ctrl-C does not wait for that: it ends the process.
+takes effect once the native operation running then returns; a CPU training step runs
+Python code all along (the scan's backward, the checkpointed blocks' recomputation), so
+that is a fraction of a second. The run then unwinds as from any ``KeyboardInterrupt``;
+checkpoints are written atomically, so ``last.pth`` is either the previous one or the new
+one. A second Ctrl-C does not wait for that (or for the interpreter's exit): it ends the
+process at once.
 DataLoader workers ignore SIGINT (a terminal sends it to the whole process group): the
 main process alone decides, and its exit stops them.
 """
