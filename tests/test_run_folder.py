@@ -202,7 +202,7 @@ def data(tmp_path) -> Path:
     return tmp_path / "data"
 
 
-def test_train_locks_its_folder_and_a_failed_run_is_reused(data, tmp_path, monkeypatch):
+def test_train_locks_its_folder_and_a_failed_run_is_reused(data, tmp_path, monkeypatch, capsys):
     """Interrupted before its first checkpoint (in this process), then run again in the
     same folder without --force (a subprocess): the lock is there while it trains and
     gone after either end."""
@@ -217,8 +217,9 @@ def test_train_locks_its_folder_and_a_failed_run_is_reused(data, tmp_path, monke
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_script, "train_one_epoch", interrupted)
-    with pytest.raises(SystemExit, match="interrupted"):
+    with pytest.raises(SystemExit) as stopped:
         train_script.main([str(a) for a in args])
+    assert stopped.value.code == 130 and "interrupted" in capsys.readouterr().err
     assert holders == [os.getpid()]
     assert {"args.json", "train.log"} <= {p.name for p in out.iterdir()}
     assert not (out / LOCK_NAME).exists() and not (out / "last.pth").exists()
