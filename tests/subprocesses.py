@@ -1,16 +1,27 @@
-"""Running a snippet of Python in a fresh interpreter from the tests (not a test module).
+"""Running the scripts and snippets of Python from the tests (not a test module).
 
 Used where a test needs its own process: Triton's CPU interpreter is switched on
 by an environment variable read at import, and the GPU import guards of the
 kernel modules are checked or patched before anything imports them.
 """
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name: str):
+    """The repository's ``<name>.py`` loaded as a module (its ``main`` called in-process)."""
+    spec = importlib.util.spec_from_file_location(f"_{name}_script", Path(ROOT) / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_python(code: str, env_extra: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:

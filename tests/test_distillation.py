@@ -18,7 +18,8 @@ import pytest
 import torch
 from torch import nn
 
-from test_train_test import REPO, _make_source, exits, load_script, read_csv
+from subprocesses import load_script
+from test_train_test import REPO, _make_source, exits, read_csv
 from utils.distillation import (DistillationLoss, TeacherError, _groupmamba_variant,
                                 distillation_term, load_teacher, resolve_teacher_source)
 

@@ -6,9 +6,7 @@ installs them) and skip without them.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,17 +15,9 @@ import torch
 import models
 from models import Classifier
 from small_classifier import CLASS_NAMES, IMG_SIZE, SMALL_KWARGS, draw_images, write_checkpoint
-from subprocesses import run_python
+from subprocesses import load_script, run_python
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script_for_export", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def exits(main, argv, capsys) -> tuple[int, str]:

@@ -20,7 +20,7 @@ import torch
 
 import mean_std
 import utils.images
-from test_train_test import TINY, _make_source, exits, load_script, output, read_csv, run
+from test_train_test import TINY, _make_source, exits, output, read_csv, run
 from utils.errors import LogFile, failure_message
 
 CPU_ALLOCATION_FAILURE = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
@@ -63,16 +63,6 @@ def split(tmp_path_factory) -> Path:
             for f in chunk:
                 shutil.copy(f, data / part / cls.name / f.name)
     return data
-
-
-@pytest.fixture(scope="module")
-def train_script():
-    return load_script("train")
-
-
-@pytest.fixture(scope="module")
-def test_script():
-    return load_script("test")
 
 
 @pytest.fixture(scope="module")

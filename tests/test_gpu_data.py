@@ -15,7 +15,7 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision import transforms as T
 
-from tests.test_train_test import TINY, read_csv, source, split, train_script  # noqa: F401
+from tests.test_train_test import TINY, read_csv, source, split  # noqa: F401
 from utils.gpu_data import (CROP_RATIO, CUTOUT_RATIO, CUTOUT_SCALE, GpuLoader, augment_args,
                             choose_gpu_data, compose_theta, cutout_masks, decode_images,
                             flip_batch, random_affine_theta, shard_indices, warp_batch)

@@ -18,7 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_train_test import TINY, _make_source, load_script, ok, output, run
+from subprocesses import load_script
+from test_train_test import TINY, _make_source, ok, output, run
 from utils import checkpoint, images, report
 from utils.checkpoint import prepare_run_folder
 from utils.images import temp_file_pattern

@@ -10,7 +10,6 @@ skipped when the ``models`` package cannot build and train it.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import shutil
@@ -234,24 +233,6 @@ def test_ctrl_c_stops_a_cpu_run_within_seconds_and_keeps_last_pth(tmp_path, spli
 # the same code path as the command line without paying for a fresh interpreter
 # (importing torch and timm) each time. One check per script also runs as a
 # subprocess to cover the exit code and the message a user sees.
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}_script", REPO / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def train_script():
-    return load_script("train")
-
-
-@pytest.fixture(scope="module")
-def test_script():
-    return load_script("test")
-
 
 def exits(main, argv, capsys) -> tuple[object, str]:
     """Run main(argv); return its exit code and everything it said."""
