@@ -2,6 +2,9 @@
 
     import models, timm
     model = timm.create_model("groupmamba_tiny", num_classes=12)
+    model = timm.create_model("groupmamba_tiny", pretrained=True, num_classes=12,
+                              pretrained_cfg_overlay=dict(file="groupmamba_tiny.pth"))
+    backbone = timm.create_model("groupmamba_tiny", features_only=True)  # four stage maps
     model = models.create_model("groupmamba_tiny", num_classes=12, checkpoint_path="release.pth")
     clf = models.Classifier.from_checkpoint("runs/mine/best.pth"); clf.predict("photo.jpg")
 """
@@ -13,15 +16,17 @@ from typing import Optional, Union
 import timm
 import torch.nn as nn
 
-from ._helpers import CheckpointError, LoadInfo, load_pretrained, read_checkpoint
+from ._helpers import (CheckpointError, LoadInfo, apply_pretrained_cfg, checkpoint_cfg, load_pretrained,
+                       preprocessing_cfg, read_checkpoint)
 from .classifier import Classifier
 from .csms6s import SCAN_DIRECTIONS, from_sequence, selective_scan, to_sequence
-from .groupmamba import GroupMamba, GroupMambaLayer, checkpoint_filter_fn, groupmamba_base, groupmamba_small, \
-    groupmamba_tiny
+from .groupmamba import GroupMamba, GroupMambaLayer, PretrainedWeightsError, checkpoint_filter_fn, groupmamba_base, \
+    groupmamba_small, groupmamba_tiny
 from .ss2d import SS2D
 
 __all__ = [
     "Classifier", "GroupMamba", "GroupMambaLayer", "SS2D", "LoadInfo", "SCAN_DIRECTIONS", "CheckpointError", "ModelConfigError",
+    "PretrainedWeightsError", "apply_pretrained_cfg", "checkpoint_cfg", "preprocessing_cfg",
     "checkpoint_filter_fn", "load_pretrained", "read_checkpoint", "create_model", "list_models", "is_groupmamba",
     "check_model_name", "groupmamba_tiny", "groupmamba_small", "groupmamba_base",
     "to_sequence", "from_sequence", "selective_scan",
@@ -58,7 +63,8 @@ def create_model(model_name: str, pretrained: bool = False,
     ``scan_backend`` and ``low_memory`` are GroupMamba's (see :class:`GroupMamba`); other
     models ignore them. ``checkpoint_path`` goes through :func:`load_pretrained` (an
     official release, a bare state dict or a checkpoint of ours; heads of another class
-    count re-initialised). Unknown names and arguments raise :class:`ModelConfigError`.
+    count re-initialised); a checkpoint of ours also sets ``model.pretrained_cfg`` to the
+    preprocessing it was trained with. Unknown names and arguments raise :class:`ModelConfigError`.
     """
     check_model_name(model_name)
     if is_groupmamba(model_name):
@@ -68,5 +74,7 @@ def create_model(model_name: str, pretrained: bool = False,
     except TypeError as exc:
         raise ModelConfigError(f"model {model_name!r} does not accept {sorted(kwargs)}: {exc}") from exc
     if checkpoint_path is not None:
-        load_pretrained(model, checkpoint_path, strict=strict)
+        cfg = checkpoint_cfg(load_pretrained(model, checkpoint_path, strict=strict).metadata)
+        if cfg:
+            apply_pretrained_cfg(model, cfg)
     return model

@@ -15,6 +15,10 @@ with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes on the keys.
 are replaced by the model's fresh ones (or refused, for inference), a ``dist_head``
 the model lacks is dropped, and anything else that does not fit is a
 :class:`CheckpointError` listing the keys.
+
+A checkpoint of ours also says how its images were preprocessed; :func:`checkpoint_cfg`
+gives that as timm's ``pretrained_cfg`` entries and :func:`apply_pretrained_cfg` puts them
+on a model, so ``timm.data.resolve_data_config(model=model)`` returns them.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ from typing import Any, Sequence, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["CheckpointError", "LoadInfo", "SAFETENSORS_METADATA_KEY", "classifier_names", "clean_state_dict",
-           "filter_state_dict", "load_pretrained", "read_checkpoint", "unwrap_state_dict"]
+__all__ = ["CheckpointError", "LoadInfo", "SAFETENSORS_METADATA_KEY", "apply_pretrained_cfg", "checkpoint_cfg",
+           "classifier_names", "clean_state_dict", "filter_state_dict", "load_pretrained", "preprocessing_cfg",
+           "read_checkpoint", "unwrap_state_dict"]
 
 _logger = logging.getLogger(__name__)
 
@@ -236,3 +241,42 @@ def load_pretrained(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     state_dict, info = filter_state_dict(checkpoint, model, strict, reset_head)
     model.load_state_dict(state_dict, strict=strict)
     return info
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+def preprocessing_cfg(img_size: int, mean: Sequence[float], std: Sequence[float],
+                      class_names: Sequence[str] = ()) -> dict:
+    """timm's ``pretrained_cfg`` entries for ``utils.transforms.eval_transform``: the whole
+    image resized to ``img_size`` x ``img_size`` (bilinear, antialiased), normalised with
+    ``mean``/``std``. timm's ``crop_mode="squash"`` at ``crop_pct=1.0`` is that resize
+    ("center" would keep the aspect ratio and cut the longer side)."""
+    cfg = {"input_size": (3, int(img_size), int(img_size)), "interpolation": "bilinear", "crop_pct": 1.0,
+           "crop_mode": "squash", "mean": tuple(float(v) for v in mean), "std": tuple(float(v) for v in std)}
+    if class_names:
+        cfg.update(num_classes=len(class_names), label_names=tuple(class_names))
+    return cfg
+
+
+def checkpoint_cfg(checkpoint: Mapping) -> dict | None:
+    """The preprocessing a checkpoint of ours was trained with, as ``pretrained_cfg``
+    entries: its ``pretrained_cfg`` entry, else (older checkpoints) one made from its
+    ``img_size``, ``mean`` and ``std``; None for a file that does not say."""
+    if not isinstance(checkpoint, Mapping):
+        return None
+    if isinstance(checkpoint.get("pretrained_cfg"), Mapping):
+        return dict(checkpoint["pretrained_cfg"])
+    if all(checkpoint.get(key) is not None for key in ("model_name", "img_size", "mean", "std")):
+        return preprocessing_cfg(checkpoint["img_size"], checkpoint["mean"], checkpoint["std"],
+                                 checkpoint.get("class_names") or ())
+    return None
+
+
+def apply_pretrained_cfg(model: nn.Module, cfg: Mapping) -> None:
+    """``cfg`` merged over ``model.pretrained_cfg`` (timm's ``default_cfg`` too); the class
+    count and names only when the model has that many classes (a re-initialised head does not)."""
+    cfg = {key: tuple(value) if isinstance(value, list) else value for key, value in cfg.items()}
+    if cfg.get("num_classes") != getattr(model, "num_classes", None):
+        cfg = {key: value for key, value in cfg.items() if key not in ("num_classes", "label_names")}
+    model.pretrained_cfg = {**(getattr(model, "pretrained_cfg", None) or {}), **cfg}
+    model.default_cfg = model.pretrained_cfg

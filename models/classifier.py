@@ -11,7 +11,9 @@ class names, the image size and the mean/std the images are normalised with
 (:func:`utils.transforms.eval_transform`: resized to ``img_size`` x ``img_size``,
 bilinear, antialiased). An official release file (a bare ImageNet state dict) needs
 ``model_name=``; it is read at 224 px with ImageNet's mean/std and class names.
-test.py and export.py load their models through this class.
+test.py and export.py load their models through this class. The model's ``pretrained_cfg``
+describes that preprocessing in timm's terms, so ``timm.data.resolve_data_config(model=clf.model)``
+and ``timm.data.create_transform`` reproduce ``clf.transform``.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from ._helpers import CheckpointError, load_pretrained, read_checkpoint
+from ._helpers import CheckpointError, apply_pretrained_cfg, load_pretrained, preprocessing_cfg, read_checkpoint
 
 __all__ = ["Classifier", "RELEASE_IMG_SIZE"]
 
@@ -107,6 +109,7 @@ class Classifier:
         self.model_name, self.model_kwargs, self.weights = model_name, dict(model_kwargs or {}), weights
         self.precision = Precision(amp, self.device)
         self.transform = eval_transform(self.img_size, self.mean, self.std)
+        apply_pretrained_cfg(self.model, preprocessing_cfg(self.img_size, self.mean, self.std, self.class_names))
 
     @classmethod
     def from_checkpoint(cls, checkpoint: Union[str, os.PathLike, Mapping], device: Union[str, torch.device] = "cpu",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import partial
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -22,15 +22,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
 from kernels import depthwise_conv
 
-from ._helpers import filter_state_dict
+from ._helpers import apply_pretrained_cfg, checkpoint_cfg, filter_state_dict
+from ._helpers import load_pretrained as load_checkpoint_weights
 from .csms6s import SCAN_DIRECTIONS
 from .ss2d import SS2D, can_batch, grouped_ss2d
 
-__all__ = ["GroupMamba", "GroupMambaLayer", "StochasticDepth", "checkpoint_filter_fn"]
+__all__ = ["GroupMamba", "GroupMambaLayer", "PretrainedWeightsError", "StochasticDepth", "checkpoint_filter_fn"]
 
 HEAD_NAMES = ("head", "dist_head")
 
@@ -344,6 +345,9 @@ class GroupMamba(nn.Module):
         self.distillation = distillation
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.grad_checkpointing = False  # set_grad_checkpointing
+        # one entry per stage for timm's features_only: the stem divides by 4, each downsample by 2
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** stage, module=f"block{stage + 1}")
+                             for stage, dim in enumerate(embed_dims)]
 
         rates = _drop_path_rates(drop_path_rate, sum(depths))
         first_block = 0
@@ -457,6 +461,99 @@ class GroupMamba(nn.Module):
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
 
+    # -- timm feature extraction and weight files ------------------------------------
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, Sequence[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's feature interface: the map of each stage in ``indices`` (None: all; an int
+        n: the last n; a sequence: those stages, negative ones counted from the end), as
+        ``(B, C, H, W)`` (``output_fmt="NCHW"``) or ``(B, H, W, C)`` (``"NHWC"``).
+
+        A stage's map is what the next stage reads (normed by that stage's norm); the last
+        stage's map gets the final norm (the one the class token gets) only with ``norm``.
+        Returns the maps, or ``(the pooled, normed features, the maps)`` unless
+        ``intermediates_only``; ``stop_early`` stops after the last stage taken (the
+        features are then those of that stage).
+        """
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be NCHW or NHWC, not {output_fmt!r}")
+        take, last_taken = _stage_indices(self.num_stages, indices)
+        stages = last_taken + 1 if stop_early or intermediates_only else self.num_stages
+        maps = []
+        for stage in range(stages):
+            tokens, height, width = self._forward_stage(x, stage)
+            if stage < len(self.feature_info) - 1:  # normed inside the network
+                tokens = getattr(self, f"norm{stage + 1}")(tokens)
+            grid = tokens.view(tokens.shape[0], height, width, -1)
+            if stage in take:
+                final_norm = norm and stage == len(self.feature_info) - 1
+                taken = getattr(self, f"norm{stage + 1}")(grid) if final_norm else grid
+                maps.append(taken.permute(0, 3, 1, 2) if output_fmt == "NCHW" else taken)
+            x = grid.permute(0, 3, 1, 2)
+        if intermediates_only:
+            return maps
+        cls_token = tokens.mean(dim=1, keepdim=True)
+        for block in self.post_network if stages == self.num_stages else ():
+            cls_token = block(cls_token)
+        if stages == len(self.feature_info):  # the final norm, as forward_features applies it
+            cls_token = getattr(self, f"norm{stages}")(cls_token)
+        return cls_token[:, 0], maps
+
+    def _forward_stage(self, x: torch.Tensor, stage: int) -> tuple[torch.Tensor, int, int]:
+        """Stage ``stage`` (0-based) on a ``(B, C, H, W)`` map: its tokens before the stage norm."""
+        x, height, width = getattr(self, f"patch_embed{stage + 1}")(x)
+        for block in getattr(self, f"block{stage + 1}"):
+            x = self._run_block(block, x, height, width)
+        return x, height, width
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the maps of ``indices`` (as in :meth:`forward_intermediates`) do not
+        need: later stages, and with ``prune_head`` (or when stages go) the class block and
+        heads; ``prune_norm`` drops the final norm. Returns the stage indices taken."""
+        take, last_taken = _stage_indices(self.num_stages, indices)
+        drops_stages = last_taken + 1 < self.num_stages
+        for stage in range(last_taken + 1, self.num_stages):
+            for name in ("patch_embed", "block", "norm"):
+                delattr(self, f"{name}{stage + 1}")
+        self.num_stages = last_taken + 1
+        self.depths, self.embed_dims = self.depths[:self.num_stages], self.embed_dims[:self.num_stages]
+        if drops_stages:
+            self.num_features = self.head_hidden_size = self.embed_dims[-1]
+        if prune_head or drops_stages:
+            self.post_network = nn.ModuleList()  # the class block reads the last stage's channels
+            self.reset_classifier(0)
+        if prune_norm and self.num_stages == len(self.feature_info):
+            setattr(self, f"norm{self.num_stages}", nn.Identity())
+        return take
+
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's loading hook (the cfg's ``custom_load``), for ``pretrained=True`` with
+        ``pretrained_cfg_overlay=dict(file=path)``: an official release file or a checkpoint
+        of ours, read and fitted by :func:`models.load_pretrained` (heads of another class
+        count re-initialised); a checkpoint of ours also sets ``pretrained_cfg``'s
+        preprocessing to the one it was trained with."""
+        info = load_checkpoint_weights(self, checkpoint_path)
+        cfg = checkpoint_cfg(info.metadata)
+        if cfg:
+            apply_pretrained_cfg(self, cfg)
+
+
+def _stage_indices(num_stages: int, indices) -> tuple[list[int], int]:
+    """``(stage indices, the largest)`` of timm's ``indices`` argument (see forward_intermediates)."""
+    if indices is None:
+        indices = num_stages
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices}: the last n stages needs 1 <= n <= {num_stages}")
+        chosen = list(range(num_stages - indices, num_stages))
+    else:
+        chosen = [index + num_stages if index < 0 else index for index in indices]
+        if not chosen or not all(0 <= index < num_stages for index in chosen):
+            raise ValueError(f"indices={list(indices)}: stage indices must lie in [{-num_stages}, {num_stages - 1}]")
+    return chosen, max(chosen)
+
 
 # --------------------------------------------------------------------------- checkpoints
 
@@ -474,7 +571,22 @@ def checkpoint_filter_fn(state_dict: Mapping, model: nn.Module) -> dict:
 
 # --------------------------------------------------------------------------- configs
 
-def _cfg(**kwargs) -> dict:
+OFFICIAL_CODE = "https://github.com/Amshaker/GroupMamba"
+# The official Hugging Face repositories of the released ImageNet-1k weights, as the official
+# README links them. Not an hf_hub_id: the file names inside are not known here, and a guessed
+# name would fail only at download time; pretrained=True asks for the file instead.
+OFFICIAL_WEIGHTS = {
+    "groupmamba_tiny": "https://huggingface.co/Abdelrahman-shaker/GroupMamba-Tiny",
+    "groupmamba_small": "https://huggingface.co/Abdelrahman-shaker/GroupMamba-Small",
+    "groupmamba_base": "https://huggingface.co/Abdelrahman-shaker/GroupMamba-Base",
+}
+
+
+class PretrainedWeightsError(ValueError):
+    """``pretrained=True`` without weights to load; the message says where to get them."""
+
+
+def _cfg(weights: str, **kwargs) -> dict:
     return {
         "url": "",
         "num_classes": 1000,
@@ -486,23 +598,37 @@ def _cfg(**kwargs) -> dict:
         "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed1.conv.0",
         "classifier": HEAD_NAMES,
-        "origin_url": "https://github.com/Amshaker/GroupMamba",
+        "origin_url": OFFICIAL_CODE,
         "paper_ids": "arXiv:2407.13772",
+        "notes": (f"official weights: {weights}; load with pretrained_cfg_overlay=dict(file=path)",),
         **kwargs,
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "groupmamba_tiny": _cfg(),
-    "groupmamba_small": _cfg(),
-    "groupmamba_base": _cfg(),
-})
+default_cfgs = generate_default_cfgs({name: _cfg(weights) for name, weights in OFFICIAL_WEIGHTS.items()})
+
+
+def _check_weight_source(variant: str, kwargs: dict) -> None:
+    """PretrainedWeightsError unless ``pretrained=True`` has weights to load: there is no
+    download location, so a file (or a state dict) must come with the call."""
+    cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get("pretrained_cfg"),
+                                 pretrained_cfg_overlay=kwargs.get("pretrained_cfg_overlay"))
+    if not (cfg.file or cfg.state_dict is not None or cfg.url or cfg.hf_hub_id):
+        raise PretrainedWeightsError(
+            f"{variant} has no download location: pass the official release file, "
+            f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='{variant}.pth')). "
+            f"Get it from {OFFICIAL_WEIGHTS[variant]} or the Google Drive links in {OFFICIAL_CODE}")
 
 
 def _create_groupmamba(variant: str, pretrained: bool = False, **kwargs) -> GroupMamba:
-    # pretrained weights come from a file: pretrained_cfg_overlay=dict(file=path)
+    if pretrained:
+        _check_weight_source(variant, kwargs)
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        if overlay.get("file"):  # read by GroupMamba.load_pretrained: release files and checkpoints of ours
+            kwargs["pretrained_cfg_overlay"] = {"custom_load": True, **overlay}
+    # features_only: timm's FeatureGetterNet over forward_intermediates (a stage is not one module)
     return build_model_with_cfg(GroupMamba, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-                                **kwargs)
+                                feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"), **kwargs)
 
 
 _RELEASED_NORM = partial(nn.LayerNorm, eps=1e-6)
