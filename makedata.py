@@ -109,6 +109,7 @@ def split_class(files: list[str], val_fraction: float, seed: int,
         raise SplitError(f"class {class_name!r} has {len(files)} valid image(s); "
                          f"every class needs at least 2 (one for train, one for val)")
     order = sorted(files)
+    # not sklearn's train_test_split(stratify=...): it shuffles all classes together, so one class's files would move another's
     random.Random(f"{seed}/{class_name}").shuffle(order)
     n_val = min(max(round(len(order) * val_fraction), 1), len(order) - 1)
     return sorted(order[n_val:]), sorted(order[:n_val])

@@ -200,7 +200,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                          "schedule now ends at epoch %d", fitted, config.time_limit, state.epochs, fitted)
                 state.epochs = fitted
                 set_schedule_length(parts.scheduler, fitted * steps_per_epoch, parts.warmup_steps, config.lr,
-                                    config.min_lr)
+                                    config.min_lr, state.global_step)
         out_of_time = config.time_limit is not None and row["elapsed_s"] >= config.time_limit
         if env.is_main:
             if state.best_epoch == state.epoch:  # kept in memory until the next save

@@ -34,11 +34,13 @@ class FakeCapturedStep:
 
 
 class CountingScheduler:
+    """timm's scheduler interface: step_update(optimizer steps taken so far)."""
+
     def __init__(self):
         self.steps = 0
 
-    def step(self):
-        self.steps += 1
+    def step_update(self, num_updates):
+        self.steps = num_updates
 
 
 def _batches(count, batch=4, num_classes=3):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import signal
@@ -509,13 +510,38 @@ def test_topk_with_few_classes():
     assert topk_hits(logits, torch.tensor([1, 2]), (1, 5)).tolist() == [1.0, 2.0]
 
 
-def test_schedule_warmup_then_cosine():
-    from utils.optim import warmup_cosine
+def reference_rate(step: int, total: int, warmup: int, lr: float, min_lr: float, ratio: float = 0.01) -> float:
+    """The schedule in closed form: linear warm-up from ratio * lr, then cosine to min_lr."""
+    if step < warmup:
+        return lr * (ratio + (1.0 - ratio) * step / warmup)
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
-    f = warmup_cosine(total_steps=100, warmup_steps=10, min_lr_ratio=0.0)
-    assert f(0) == pytest.approx(0.01) and f(10) == pytest.approx(1.0)
-    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-9)
-    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+def _rates(sched, opt, steps: int, first: int = 0) -> list[float]:
+    rates = []
+    for step in range(first, first + steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step_update(step + 1)
+    return rates
+
+
+@pytest.mark.parametrize("total, warmup, lr, min_lr", [(100, 10, 1.0, 0.0), (1000, 50, 5e-4, 1e-6),
+                                                        (37, 18, 2e-3, 1e-6), (20, 0, 1e-3, 1e-5)])
+def test_schedule_is_timms_cosine_with_warmup_as_written(total, warmup, lr, min_lr):
+    """timm's CosineLRScheduler, stepped per update, gives the closed form at every step."""
+    from utils.optim import build_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = build_scheduler(opt, total_steps=total, warmup_steps=warmup, lr=lr, min_lr=min_lr)
+    rates = _rates(sched, opt, total + 3)
+    for step, rate in enumerate(rates):
+        assert abs(rate - reference_rate(step, total, warmup, lr, min_lr)) <= 1e-9, step
+    if total == 100:
+        assert rates[0] == pytest.approx(0.01) and rates[10] == pytest.approx(1.0)
+        assert rates[55] == pytest.approx(0.5) and rates[100] == pytest.approx(0.0, abs=1e-9)
+        assert all(rates[i] >= rates[i + 1] for i in range(10, 100))
 
 
 def test_set_schedule_length_shortens_a_running_cosine():
@@ -523,17 +549,13 @@ def test_set_schedule_length_shortens_a_running_cosine():
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = build_scheduler(opt, total_steps=100, warmup_steps=10, lr=1.0, min_lr=0.0)
-    for _ in range(40):
-        opt.step()
-        sched.step()
+    _rates(sched, opt, 40)
     before = opt.param_groups[0]["lr"]
-    set_schedule_length(sched, total_steps=50, warmup_steps=10, lr=1.0, min_lr=0.0)
-    opt.step()
-    sched.step()  # step 41 of 50: late in the new cosine, well below the old curve
-    assert opt.param_groups[0]["lr"] < 0.2 < 0.7 < before
-    for _ in range(9):
-        opt.step()
-        sched.step()
+    set_schedule_length(sched, total_steps=50, warmup_steps=10, lr=1.0, min_lr=0.0, step=40)
+    assert opt.param_groups[0]["lr"] == pytest.approx(reference_rate(40, 50, 10, 1.0, 0.0), abs=1e-9)
+    rates = _rates(sched, opt, 10, first=40)  # steps 41.. of 50: late in the new cosine, well below the old curve
+    assert rates[1] < 0.2 < 0.7 < before
+    assert all(abs(r - reference_rate(40 + i, 50, 10, 1.0, 0.0)) <= 1e-9 for i, r in enumerate(rates))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-9)
 
 

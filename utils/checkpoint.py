@@ -172,7 +172,9 @@ class RunState:
 
 def restore_training(ckpt: dict, parts, classes: list[str], env, config) -> RunState:
     """Load a last.pth into train.py's training objects (``parts``: model, ema, optimizer,
-    scheduler, precision); returns where the run stood."""
+    scheduler, precision); returns where the run stood. The learning-rate schedule is a
+    function of the step count and the arguments (utils/optim.py), so it is set from
+    ``global_step`` rather than read back: more ``--epochs`` stretch it, a new ``--lr`` counts."""
     if ckpt["class_names"] != classes:
         raise CheckpointError(f"the data's classes {classes} differ from the checkpoint's {ckpt['class_names']}")
     parts.model.load_state_dict(ckpt["model"])
@@ -181,9 +183,7 @@ def restore_training(ckpt: dict, parts, classes: list[str], env, config) -> RunS
     elif parts.ema is not None:
         logging.getLogger("train").warning("checkpoint has no EMA weights: EMA restarts from the model's")
     parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.load_state_dict(ckpt["scheduler"])
-    # the saved base rates equal --lr unless --lr was given again: then it takes effect
-    parts.scheduler.base_lrs = [config.lr * g.get("lr_scale", 1.0) for g in parts.optimizer.param_groups]
+    parts.scheduler.step_update(int(ckpt["global_step"]))  # the rate of the next step
     if ckpt.get("scaler"):
         parts.precision.scaler.load_state_dict(ckpt["scaler"])
     if env.world_size == 1:

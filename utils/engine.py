@@ -79,7 +79,7 @@ class _LossProgress:
     """The running loss and the progress bar; stops the run at the first NaN/inf loss."""
 
     def __init__(self, steps: int, epoch: int, optimizer, env: DistEnv):
-        self.meter = AverageMeter("loss")
+        self.meter = AverageMeter()
         self.epoch, self.optimizer = epoch, optimizer
         self.bar = _progress(steps, f"epoch {epoch} train", env)
 
@@ -166,8 +166,8 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
                 model, images, target, criterion, optimizer, precision, distill, params, max_norm,
                 lambda value, at=step, n=images.shape[0]: progress.record(at, value, n))
             clock.lap("step")
-        scheduler.step()
         global_step += 1
+        scheduler.step_update(global_step)  # the rate of the next step
         if ema is not None:
             ema.update(unwrap_model(model), step=global_step)
         clock.lap("ema")

@@ -2,17 +2,17 @@
 
 The optimizer comes from ``timm.optim.create_optimizer_v2`` (no weight decay on
 biases, norm weights and whatever the model lists in ``no_weight_decay()``). The
-schedule is a ``torch.optim.lr_scheduler.LambdaLR`` stepped once per optimizer step::
+schedule is timm's ``CosineLRScheduler`` stepped per optimizer step
+(``step_update(steps taken)``), with W warm-up steps of T in all::
 
-    warm-up  (step < W):  lr * (r + (1 - r) * step / W)          r = warmup_ratio
+    warm-up  (step < W):  lr * (r + (1 - r) * step / W)          r = WARMUP_RATIO
     cosine   (step >= W): min_lr + (lr - min_lr) * (1 + cos(pi * t)) / 2,
-                          t = (step - W) / (total - W)
+                          t = (step - W) / (T - W), min_lr after T
 
-Its state (a step counter and the base rates) is plain data, so it resumes exactly
-from a checkpoint; the shape itself is rebuilt from the arguments, so a resumed run
-with more ``--epochs`` stretches the remaining cosine over the new length, and
-``set_schedule_length`` shortens a running schedule in place (train.py's
-``--fit-time-limit``).
+It is a function of the step count and these arguments only, so a resumed run sets it
+from its step count (a resumed run with more ``--epochs`` stretches the remaining cosine
+over the new length), and ``set_schedule_length`` shortens a running schedule in place
+(train.py's ``--fit-time-limit``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import math
 
 import torch
 from timm.optim import create_optimizer_v2
-from torch.optim.lr_scheduler import LambdaLR
+from timm.scheduler import CosineLRScheduler
+
+WARMUP_RATIO = 0.01  # the warm-up starts at 1 % of the peak rate
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
@@ -31,39 +33,30 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
                                betas=tuple(betas), eps=eps, **adamw_options)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_ratio: float,
-                  warmup_ratio: float = 0.01):
-    """The multiplier of the base learning rate at each optimizer step."""
+def _schedule_arguments(total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> dict:
     total_steps = max(1, int(total_steps))
-    warmup_steps = max(0, min(int(warmup_steps), total_steps))
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
-        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        t = min(1.0, t)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-    return factor
-
-
-def lr_factor(total_steps: int, warmup_steps: int, lr: float, min_lr: float):
-    """``warmup_cosine`` from learning rates (min_lr as a ratio of lr)."""
-    ratio = min(1.0, min_lr / lr) if lr > 0 else 0.0
-    return warmup_cosine(total_steps, warmup_steps, ratio)
+    warmup_steps = max(0, min(int(warmup_steps), total_steps - 1))  # at least one cosine step
+    return dict(t_initial=total_steps - warmup_steps, lr_min=min(min_lr, lr), warmup_t=warmup_steps,
+                warmup_lr_init=WARMUP_RATIO * lr, warmup_prefix=True, cycle_limit=1, t_in_epochs=False)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                    lr: float, min_lr: float) -> LambdaLR:
-    return LambdaLR(optimizer, lr_factor(total_steps, warmup_steps, lr, min_lr))
+                    lr: float, min_lr: float) -> CosineLRScheduler:
+    """The schedule above; the optimizer's rate is set for step 0."""
+    return CosineLRScheduler(optimizer, **_schedule_arguments(total_steps, warmup_steps, lr, min_lr))
 
 
-def set_schedule_length(scheduler: LambdaLR, total_steps: int, warmup_steps: int,
-                        lr: float, min_lr: float) -> None:
-    """Give a running ``build_scheduler`` schedule a new length; the step count is kept,
-    so the cosine continues from where the new length puts it."""
-    factor = lr_factor(total_steps, min(warmup_steps, total_steps // 2), lr, min_lr)
-    scheduler.lr_lambdas = [factor] * len(scheduler.optimizer.param_groups)
+def set_schedule_length(scheduler: CosineLRScheduler, total_steps: int, warmup_steps: int,
+                        lr: float, min_lr: float, step: int) -> None:
+    """Give a running ``build_scheduler`` schedule a new length and set the rate of
+    ``step`` (the steps taken so far) on it: the cosine continues from where the new length
+    puts it."""
+    warmup_steps = min(warmup_steps, total_steps // 2)
+    # made over stand-in groups with the running schedule's peak rates: the optimizer's own
+    # record of them may be an earlier run's (restored by --resume, before a new --lr)
+    stand_in = torch.optim.SGD([{"params": [torch.zeros(1)], "lr": base} for base in scheduler.base_values])
+    scheduler.load_state_dict(build_scheduler(stand_in, total_steps, warmup_steps, lr, min_lr).state_dict())
+    scheduler.step_update(step)
 
 
 def epochs_within_limit(history: list[dict], time_limit: float) -> int | None:

@@ -66,24 +66,26 @@ def plot_curves(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
 
 def plot_confusion_matrix(cm: Sequence[Sequence[int]], class_names: Sequence[str],
                           path: str | os.PathLike, title: str = "confusion matrix") -> Path:
-    """Rows: true class, columns: predicted; colour = share of the row, text = count."""
+    """scikit-learn's ConfusionMatrixDisplay. Rows: true class, columns: predicted; colour =
+    share of the row, text = count (none for empty cells, none at all beyond 40 classes)."""
+    from sklearn.metrics import ConfusionMatrixDisplay  # imported when needed: slow
+
     cm = np.asarray(cm, dtype=np.int64)
     n = len(class_names)
     rows = cm.sum(axis=1, keepdims=True)
     share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     size = max(5.0, 0.55 * n + 2.5)
     fig, ax = plt.subplots(figsize=(size + 1, size))
-    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), labels=class_names, rotation=45, ha="right")
-    ax.set_yticks(range(n), labels=class_names)
+    display = ConfusionMatrixDisplay(share, display_labels=list(class_names))
+    display.plot(ax=ax, cmap="Blues", colorbar=False, include_values=n <= 40, xticks_rotation=45,
+                 im_kw={"vmin": 0, "vmax": 1})
+    fig.colorbar(display.im_, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    plt.setp(ax.get_xticklabels(), ha="right")
+    for (i, j), text in np.ndenumerate(display.text_ if display.text_ is not None else np.empty((0, 0))):
+        # counts written on the shares' colours
+        text.set(text=str(cm[i, j]) if cm[i, j] else "", fontsize=8,
+                 color="white" if share[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title)
-    if n <= 40:
-        for i in range(n):
-            for j in range(n):
-                if cm[i, j]:
-                    ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if share[i, j] > 0.5 else "black")
     return _save(fig, path)
 
 
