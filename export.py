@@ -42,9 +42,8 @@ from pathlib import Path
 
 import torch
 
-from models import CheckpointError, Classifier, ModelConfigError
-from models._helpers import SAFETENSORS_METADATA_KEY
-from utils.checkpoint import FORMAT
+from models import CheckpointError, Classifier, ModelConfigError, preprocessing_cfg
+from utils.checkpoint import FORMAT, save_safetensors
 from utils.errors import exit_if_known, reraise_with_path
 from utils.images import atomic_write_json, check_writable
 
@@ -189,15 +188,12 @@ def export_pt2(clf: Classifier, path: str, metadata: dict) -> torch.export.Expor
 
 
 def export_safetensors(clf: Classifier, path: str, metadata: dict) -> None:
-    from safetensors.torch import save_file
-
     # the entries a checkpoint of train.py has, so every checkpoint reader takes the file
     entries = {"format": FORMAT, **{k: metadata[k] for k in ("model_name", "model_kwargs", "class_names",
                                                               "img_size", "mean", "std")},
-               "weights": metadata["weights"]}
-    # copies: safetensors refuses tensors that share memory
-    state = {key: value.detach().cpu().contiguous().clone() for key, value in clf.model.state_dict().items()}
-    save_file(state, path, metadata={SAFETENSORS_METADATA_KEY: json.dumps(entries, ensure_ascii=False)})
+               "weights": metadata["weights"],
+               "pretrained_cfg": preprocessing_cfg(clf.img_size, clf.mean, clf.std, clf.class_names)}
+    save_safetensors(clf.model.state_dict(), entries, path)
 
 
 def export_model(clf: Classifier, args, path: str, metadata: dict):
@@ -235,7 +231,7 @@ def exported_runner(fmt: str, path: str, program):
         return lambda images: torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
     if fmt == "pt2":  # the program just exported (loading the file back is slow for big models)
         return program.module()
-    reloaded = Classifier.from_checkpoint(path, "cpu", "model", scan_backend="torch", amp="off")
+    reloaded = Classifier.from_checkpoint(path, "cpu", "auto", scan_backend="torch", amp="off")
     return Logits(reloaded.model).eval()
 
 

@@ -31,7 +31,7 @@ from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  
                          describe_compile_seconds, plan_speed, set_grad_checkpointing)
 from utils.amp import Precision, resolve_amp  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
-                              save_checkpoint, to_cpu, to_plain, training_checkpoint)
+                              run_description, save_best, save_checkpoint, to_cpu, to_plain, training_checkpoint)
 from utils.config import memory_hint, mixup_active, parse_config  # noqa: E402
 from utils.datasets import DatasetError, SkippedImages, load_train_val  # noqa: E402
 from utils.distillation import (DistillationLoss, check_teacher, resolve_teacher_source,  # noqa: E402
@@ -53,7 +53,7 @@ from utils.transforms import load_stats  # noqa: E402
 
 log = logging.getLogger("train")
 
-OUTPUT_FILES = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth",
+OUTPUT_FILES = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth", "best.safetensors",
                 "report.txt", "report.json", "confusion_matrix.png", "skipped_images.txt")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                  "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "best_acc1", "best_epoch", "best_source",
@@ -207,7 +207,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                 best_pending = to_cpu(training_checkpoint(config, parts, state, meta, full=False))
             if state.epoch % config.save_every == 0 or state.epoch == state.epochs or out_of_time:
                 if best_pending is not None:
-                    save_checkpoint(best_pending, output / "best.pth")
+                    save_best(best_pending, output, config.save_safetensors)
                     best_pending = None
                 save_checkpoint(training_checkpoint(config, parts, state, meta, full=True), output / "last.pth")
                 plot_curves(state.history, output / "curves.png")
@@ -226,9 +226,8 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
 def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path, val_root) -> None:
     """Per-class report and confusion matrix on all of val with best.pth's weights."""
     best = load_checkpoint(output / "best.pth", ("model", "class_names"))
-    weights = "EMA" if best.get("best_source") == "ema" and best.get("model_ema") is not None else "raw"
-    model = unwrap_model(parts.model)
-    model.load_state_dict(best["model_ema"] if weights == "EMA" else best["model"])
+    model = unwrap_model(parts.model)  # the weights best.pth was chosen on (either layout)
+    weights = "EMA" if load_pretrained(model, best, reset_head=False).source == "model_ema" else "raw"
     y_true, y_pred = [], []
     # compiled regions keep their static shapes: pad the last batch like validate does
     for probs, (labels,) in predict_batches(model, loader, parts.precision, env.device, "report",
@@ -303,7 +302,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
         check_teacher(parts.teacher, config, lambda m: validate(m, val_loader, parts.precision, env, len(classes),
                                                                 config.max_val_batches, "teacher val"),
                       (resume_ckpt or {}).get("teacher"), parts.model_kwargs)
-    meta = {"class_names": list(classes), "mean": list(mean), "std": list(std)}
+    meta = run_description(parts.model, config.img_size, classes, mean, std)
     if env.is_main:
         log.info("%s (%.2f M params, %s), %s on %s, amp %s, %s, batch %d x %d process(es), %d steps/epoch, "
                  "%d warm-up steps, EMA %s, Mixup %s", config.model,

@@ -8,7 +8,8 @@ ours saved that way keeps its other entries as JSON under the header's
 - a bare state dict (official GroupMamba release files),
 - a state dict under ``model``, ``state_dict``, ``model_ema`` or ``state_dict_ema``
   (this toolkit's checkpoints, official training snapshots, timm's and most other
-  training scripts),
+  training scripts; a checkpoint of ours whose ``best_source`` is ``"ema"`` gives its
+  EMA weights first, the ones it was chosen on),
 
 with DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes on the keys.
 :func:`load_pretrained` fits such weights to a model: heads of another class count
@@ -128,7 +129,10 @@ def unwrap_state_dict(checkpoint: Mapping) -> tuple[Mapping, str]:
     if _is_state_dict(checkpoint):
         return checkpoint, "bare"
     if isinstance(checkpoint, Mapping):
-        for key in _WRAPPER_KEYS:
+        keys = _WRAPPER_KEYS
+        if checkpoint.get("best_source") == "ema":  # ours, best with its EMA weights
+            keys = ("model_ema",) + tuple(k for k in keys if k != "model_ema")
+        for key in keys:
             if _is_state_dict(checkpoint.get(key)):
                 return checkpoint[key], key
     keys = list(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__

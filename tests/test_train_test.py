@@ -374,7 +374,9 @@ def test_save_every_and_time_limit(train_script, tmp_path, split, monkeypatch):
         saved.append((Path(path).name, state["epoch"]))
         return real_save(state, path)
 
+    import utils.checkpoint
     monkeypatch.setattr(train_script, "save_checkpoint", recording_save)
+    monkeypatch.setattr(utils.checkpoint, "save_checkpoint", recording_save)  # best.pth: through save_best
     out = tmp_path / "every2"
     train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "3",
                                         "--save-every", "2", *TINY)])

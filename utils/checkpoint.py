@@ -7,6 +7,8 @@ A checkpoint written by train.py is a dict of tensors and plain Python values on
     model_ema      state dict of the EMA weights, or None when EMA was off
     best_source    "model" or "ema": which of the two gave best_acc1
     optimizer, scaler, scheduler, rng     training state (None in best.pth)
+    pretrained_cfg the preprocessing as timm's pretrained_cfg entries (input_size,
+                   interpolation, crop_pct, crop_mode, mean, std, num_classes, label_names)
     epoch          epochs completed (1-based count)
     global_step    optimizer steps taken
     best_acc1      best validation top-1 (percent) so far, best_epoch its epoch
@@ -20,14 +22,19 @@ A checkpoint written by train.py is a dict of tensors and plain Python values on
                    name and kwargs, weights used, ...; see utils/distillation.py)
     format         "groupmamba-toolkit/1"
 
-``best.pth`` holds what inference needs (weights, EMA weights and the metadata);
-``last.pth`` holds everything ``--resume`` needs as well.
+``best.pth`` holds what inference needs: the weights it was chosen on (``model`` when
+``best_source`` is "model", else ``model_ema``; the other entry is None) and the metadata.
+Files written before that hold both; every reader takes either. ``last.pth`` holds
+everything ``--resume`` needs. ``best.safetensors`` (train.py ``--save-safetensors``) and
+export.py's safetensors files hold one set of weights and, as JSON in the header, the
+other entries, with ``weights`` ("raw" or "EMA") naming the set (see :func:`save_safetensors`).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 import tempfile
@@ -38,7 +45,8 @@ from typing import Any, Mapping
 
 import torch
 
-from models import CheckpointError, read_checkpoint
+from models import CheckpointError, apply_pretrained_cfg, preprocessing_cfg, read_checkpoint
+from models._helpers import SAFETENSORS_METADATA_KEY
 from utils.errors import reraise_with_path
 from utils.distributed import unwrap_model
 from utils.run_folder import acquire_run_lock, clear_run_folder, release_run_lock
@@ -103,6 +111,46 @@ def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], entries: Mapping[str, Any],
+                     path: str | os.PathLike) -> Path:
+    """``state_dict`` as a ``.safetensors`` file with ``entries`` (plain values, a checkpoint's
+    other entries) as JSON under the header's ``"checkpoint"`` key, written atomically like
+    :func:`save_checkpoint`: every checkpoint reader takes it as a checkpoint of ours."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    # copies: safetensors refuses tensors that share memory
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+    header = {SAFETENSORS_METADATA_KEY: json.dumps(to_plain(entries), ensure_ascii=False)}
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        reraise_with_path(exc, path)
+    try:
+        save_file(tensors, tmp, metadata=header)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        reraise_with_path(exc, path)
+    return path
+
+
+# a best.pth's entries that a safetensors copy leaves out: its weights and the training state
+_NOT_IN_SAFETENSORS = ("model", "model_ema", "optimizer", "scaler", "scheduler", "rng")
+
+
+def save_best(checkpoint: Mapping[str, Any], folder: Path, safetensors: bool = False) -> None:
+    """best.pth in ``folder`` and, with ``safetensors``, best.safetensors (its weights, named
+    by ``weights``, and its other entries)."""
+    save_checkpoint(checkpoint, folder / "best.pth")
+    if safetensors:
+        state, which = choose_weights(dict(checkpoint), "auto", folder / "best.pth")
+        entries = {k: v for k, v in checkpoint.items() if k not in _NOT_IN_SAFETENSORS}
+        save_safetensors(state, {**entries, "weights": which}, folder / "best.safetensors")
+
+
 def load_checkpoint(path: str | os.PathLike, required: tuple[str, ...] = (),
                     purpose: str = "") -> dict:
     """Load with ``weights_only=True`` on the CPU and check ``required`` keys.
@@ -145,17 +193,40 @@ def check_checkpoint(ckpt: dict, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: mean/std need 3 values and img_size must be positive")
 
 
+def weight_sets(ckpt: Mapping) -> dict[str, Mapping]:
+    """The weights a checkpoint of ours holds, by kind: ``{"raw": ..., "EMA": ...}``, either
+    may be missing. A safetensors file keeps its one set under ``model``, named by ``weights``."""
+    sets = {}
+    if ckpt.get("model"):
+        sets["EMA" if ckpt.get("weights") == "EMA" else "raw"] = ckpt["model"]
+    if ckpt.get("model_ema"):
+        sets["EMA"] = ckpt["model_ema"]
+    return sets
+
+
 def choose_weights(ckpt: dict, mode: str, path: str | os.PathLike) -> tuple[dict, str]:
     """``(state dict, "raw" or "EMA")`` of a checkpoint of ours. ``mode``: ``auto`` (the
     weights that were best in training, see ``best_source``), ``model`` or ``ema``."""
-    ema = ckpt.get("model_ema")
-    if mode == "ema":
-        if not ema:
-            raise CheckpointError(f"{path} has no EMA weights (trained with --ema-decay 0)")
-        return ema, "EMA"
-    if mode == "auto" and ckpt.get("best_source") == "ema" and ema:
-        return ema, "EMA"
-    return ckpt["model"], "raw"
+    sets = weight_sets(ckpt)
+    wanted = {"ema": "EMA", "model": "raw"}.get(mode)
+    if wanted is None:  # auto: the best_source's set, else the one there is
+        preferred = "EMA" if ckpt.get("best_source") == "ema" else "raw"
+        wanted = preferred if preferred in sets else next(iter(sets), preferred)
+    if wanted in sets:
+        return sets[wanted], wanted
+    raise _missing_weights(ckpt, path, wanted, sets)
+
+
+def _missing_weights(ckpt: Mapping, path, wanted: str, sets: Mapping) -> CheckpointError:
+    if not sets:
+        return CheckpointError(f"{path} holds no weights")
+    args = ckpt.get("args") or {}
+    if wanted == "EMA" and "ema_decay" in args and not args["ema_decay"]:
+        return CheckpointError(f"{path} has no EMA weights (trained with --ema-decay 0)")
+    why = ""
+    if "best_source" in ckpt and ckpt.get("optimizer") is None:  # a best.pth
+        why = f" (it keeps only the {next(iter(sets))} weights it was chosen on; last.pth holds both)"
+    return CheckpointError(f"{path} has no {wanted} weights{why}")
 
 
 @dataclass
@@ -195,11 +266,21 @@ def restore_training(ckpt: dict, parts, classes: list[str], env, config) -> RunS
                     list(ckpt.get("history") or []))
 
 
+def run_description(model: torch.nn.Module, img_size: int, class_names: list[str], mean, std) -> dict:
+    """The ``class_names``, ``mean``, ``std`` and ``pretrained_cfg`` entries of a run's
+    checkpoints; ``model.pretrained_cfg`` is set to that preprocessing too."""
+    cfg = preprocessing_cfg(img_size, mean, std, class_names)
+    apply_pretrained_cfg(unwrap_model(model), cfg)
+    return {"class_names": list(class_names), "mean": list(mean), "std": list(std), "pretrained_cfg": cfg}
+
+
 def training_checkpoint(config, parts, state: RunState, meta: dict, full: bool) -> dict:
-    """best.pth (``full`` False: what inference needs) or last.pth (all --resume needs), in
-    the format above; ``meta``: class_names, mean, std."""
-    return {"format": FORMAT, "model": unwrap_model(parts.model).state_dict(),
-            "model_ema": parts.ema.module.state_dict() if parts.ema is not None else None,
+    """best.pth (``full`` False: what inference needs, with the weights of ``best_source``
+    only) or last.pth (all --resume needs), in the format above; ``meta``: run_description's."""
+    ema = parts.ema.module.state_dict() if parts.ema is not None else None
+    keep_raw, keep_ema = full or state.best_source != "ema", full or state.best_source == "ema"
+    return {"format": FORMAT, "model": unwrap_model(parts.model).state_dict() if keep_raw else None,
+            "model_ema": ema if keep_ema else None,
             "optimizer": parts.optimizer.state_dict() if full else None,
             "scaler": parts.precision.scaler.state_dict() if full else None,
             "scheduler": parts.scheduler.state_dict() if full else None,

@@ -168,6 +168,8 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
                         "a run still training there)")
     g.add_argument("--save-every", type=int, default=1, metavar="N",
                    help="write last.pth and curves.png every N epochs and at the end")
+    g.add_argument("--save-safetensors", action="store_true",
+                   help="also write best.safetensors: best.pth's weights and description (test.py reads it)")
 
 
 def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
