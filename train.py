@@ -46,7 +46,7 @@ from utils.interrupt import INTERRUPTED_EXIT_CODE, stop_on_sigint  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.memory import check_step_memory  # noqa: E402
 from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
-from utils.report import plot_curves, write_classification_report, write_csv  # noqa: E402
+from utils.report import EpochLog, plot_curves, write_classification_report  # noqa: E402
 from utils.run_folder import release_run_lock  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
 from utils.transforms import load_stats  # noqa: E402
@@ -54,7 +54,7 @@ from utils.transforms import load_stats  # noqa: E402
 log = logging.getLogger("train")
 
 OUTPUT_FILES = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth", "best.safetensors",
-                "report.txt", "report.json", "confusion_matrix.png", "skipped_images.txt")
+                "report.txt", "report.json", "confusion_matrix.png", "skipped_images.txt", "tensorboard")
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                  "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "best_acc1", "best_epoch", "best_source",
                  "train_img_s", "epoch_time_s", "elapsed_s", "grad_norm")
@@ -180,6 +180,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
     static_batch = val_loader.batch_size if plan.compile or plan.cuda_graph else None
     elapsed_before = float((state.history[-1:] or [{}])[0].get("elapsed_s") or 0.0)  # a resumed run's clock
     run_start, first_epoch, best_pending = time.perf_counter(), state.epoch + 1, None
+    epoch_log = EpochLog(output, METRIC_FIELDS, tensorboard=config.tensorboard and env.is_main)
     while state.epoch < state.epochs:
         sampler.set_epoch(state.epoch + 1)
         try:
@@ -211,7 +212,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                     best_pending = None
                 save_checkpoint(training_checkpoint(config, parts, state, meta, full=True), output / "last.pth")
                 plot_curves(state.history, output / "curves.png")
-            write_csv(output / "metrics.csv", METRIC_FIELDS, state.history)
+            epoch_log.write(state.history)
             log_epoch(row, state, first_epoch, plan.compile)
             skipped.report(output / "skipped_images.txt", log)
         barrier(env)

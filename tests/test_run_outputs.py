@@ -1,9 +1,11 @@
 """What a train.py run leaves besides its metrics: best.pth with only the weights it was
-chosen on (and files of the older layout with both still read), best.safetensors, the
-confusion matrix. CPU, timm's test_vit."""
+chosen on (and files of the older layout with both still read), best.safetensors,
+TensorBoard scalars, the learning-rate curve, the confusion matrix. CPU, timm's test_vit."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,15 @@ from test_train_test import TINY, exits, read_csv, source, split  # noqa: F401 -
 from utils import report
 from utils.checkpoint import CheckpointError, choose_weights, weight_sets
 
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
 
 @pytest.fixture(scope="module")
 def run(split, tmp_path_factory, train_script) -> Path:  # noqa: F811 - split is the imported fixture
     out = tmp_path_factory.mktemp("outputs") / "run"
     train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "2", "--ema-decay", "0.9",
-                                        "--save-safetensors", *TINY)])
+                                        "--save-safetensors", *(["--tensorboard"] if HAS_TENSORBOARD else []),
+                                        *TINY)])
     return out
 
 
@@ -115,12 +120,61 @@ def test_pretrained_cfg_is_saved_with_the_run(run):
         assert (cfg["crop_pct"], cfg["crop_mode"]) == (1.0, "squash") and cfg["num_classes"] == 3
 
 
-# ----------------------------------------------------------------- confusion matrix
+# ----------------------------------------------------------------- TensorBoard, curves, confusion matrix
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="tensorboard is not installed")
+def test_tensorboard_gets_the_per_epoch_scalars(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    rows = read_csv(run / "metrics.csv")
+    for tag, column in (("loss/train", "train_loss"), ("acc1/val", "val_acc1"), ("acc5/val_ema", "ema_val_acc5"),
+                        ("lr", "lr")):
+        scalars = events.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2]
+        assert [s.value for s in scalars] == pytest.approx([float(r[column]) for r in rows], rel=1e-4)
+
+
+def test_tensorboard_without_the_package_is_a_one_line_error(train_script, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # the import fails
+    with pytest.raises(SystemExit) as info:
+        train_script.parse_config(["--tensorboard"])
+    assert info.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.endswith("--tensorboard needs the tensorboard package: pip install tensorboard")
+    assert train_script.parse_config([])[0].tensorboard is False  # not asked for: not needed
+
+
+def test_force_removes_the_event_files_and_keeps_other_files(tmp_path):
+    from utils.run_folder import remove_owned
+
+    board = tmp_path / "tensorboard"
+    board.mkdir()
+    (board / "events.out.tfevents.1.host.1.0").write_bytes(b"x")
+    (board / "notes.txt").write_text("mine")
+    remove_owned(board)
+    assert [p.name for p in board.iterdir()] == ["notes.txt"]
+    (board / "notes.txt").unlink()
+    (board / "events.out.tfevents.2.host.1.0").write_bytes(b"x")
+    remove_owned(board)
+    assert not board.exists()
+
 
 def capture_figure(monkeypatch) -> list:
     figures = []
     monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
     return figures
+
+
+def test_curves_show_the_learning_rate(monkeypatch):
+    figures = capture_figure(monkeypatch)
+    history = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.1 / e, "train_acc1": 10.0 * e,
+                "val_acc1": 9.0 * e, "lr": 5e-4 / e} for e in (1, 2, 3)]
+    report.plot_curves(history, "curves.png")
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["loss", "top-1 accuracy", "learning rate (end of epoch)"]
+    assert list(axes[2].lines[0].get_ydata()) == [5e-4, 2.5e-4, 5e-4 / 3]
 
 
 def test_confusion_matrix_colours_shares_and_writes_counts(monkeypatch):

@@ -23,6 +23,7 @@ from utils.checkpoint import RESUME_KEYS, CheckpointError, load_checkpoint
 from utils.datasets import CHECK_MODES
 from utils.distillation import DISTILLATION_TYPES
 from utils.gpu_data import GPU_DATA_MODES
+from utils.tensorboard_log import tensorboard_missing
 from utils.transforms import check_augment
 
 SCAN_BACKEND_ENV = "GROUPMAMBA_SCAN_BACKEND"
@@ -170,6 +171,9 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
                    help="write last.pth and curves.png every N epochs and at the end")
     g.add_argument("--save-safetensors", action="store_true",
                    help="also write best.safetensors: best.pth's weights and description (test.py reads it)")
+    g.add_argument("--tensorboard", action="store_true",
+                   help="also write the per-epoch loss, accuracy and learning rate for TensorBoard into "
+                        "<output>/tensorboard (needs pip install tensorboard)")
 
 
 def _augmentation_arguments(p: argparse.ArgumentParser) -> None:
@@ -292,6 +296,7 @@ def _problems(c) -> list[str]:
     need(0 <= c.smoothing < 1, "--smoothing must be in [0, 1)")
     for name in ("hflip", "vflip", "transpose", "cutout", "mixup_prob", "mixup_switch_prob", "distillation_alpha"):
         need(0 <= getattr(c, name) <= 1, f"--{name.replace('_', '-')} must be in [0, 1]")
+    need(not c.tensorboard or tensorboard_missing() is None, tensorboard_missing() or "")
     need(not c.low_memory or is_groupmamba(c.model),
          f"--low-memory applies to GroupMamba models only, not --model {c.model}")
     need(not mixup_active(c) or c.batch_size % 2 == 0,

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 
 from utils.errors import reraise_with_path  # noqa: E402
 from utils.images import atomic_write_json, atomic_write_text  # noqa: E402
+from utils.tensorboard_log import TensorBoardLog  # noqa: E402
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
@@ -42,9 +43,10 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def plot_curves(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
-    """Loss (left) and top-1 accuracy (right) per epoch: train, val and EMA val."""
+    """Loss (left) and top-1 accuracy (middle) per epoch: train, val and EMA val; the
+    learning rate at the end of each epoch (right)."""
     epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4))
     series = (("train_", "train", "-o"), ("val_", "val", "-s"), ("ema_val_", "val (EMA)", "--^"))
     for ax, metric in ((ax_loss, "loss"), (ax_acc, "acc1")):
         for prefix, label, style in series:
@@ -52,11 +54,15 @@ def plot_curves(history: Sequence[Mapping], path: str | os.PathLike) -> Path:
             if any(y is not None and y == y for y in ys):  # y == y: not NaN
                 ax.plot(epochs, [np.nan if y is None else y for y in ys], style,
                         label=label, markersize=3)
+        ax.legend()
+    lrs = [r.get("lr") for r in history]
+    ax_lr.plot(epochs, [np.nan if y is None else y for y in lrs], "-o", markersize=3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     ax_loss.set(title="loss", xlabel="epoch", ylabel="loss")
     ax_acc.set(title="top-1 accuracy", xlabel="epoch", ylabel="ACC1 (%)")
-    for ax in (ax_loss, ax_acc):
+    ax_lr.set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
+    for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
-        ax.legend()
         if len(epochs) <= 20:
             ax.set_xticks(epochs)
     fig.text(0.5, -0.06, "train accuracy is measured on augmented (and mixed) batches "
@@ -114,6 +120,19 @@ def classification_report_files(y_true: Sequence[int], y_pred: Sequence[int],
                       + f"\nsamples: {len(y_true)}   accuracy: {acc:.4f}\n")
     atomic_write_json(out_json, summary)
     return summary
+
+
+class EpochLog:
+    """The per-epoch record of a run: ``metrics.csv`` (all rows so far, rewritten
+    atomically) and, with ``tensorboard``, each new row's scalars for TensorBoard."""
+
+    def __init__(self, folder: str | os.PathLike, fields: Sequence[str], tensorboard: bool = False):
+        self.path, self.fields = Path(folder) / "metrics.csv", tuple(fields)
+        self.tensorboard = TensorBoardLog(folder, tensorboard)
+
+    def write(self, history: Sequence[Mapping]) -> None:
+        write_csv(self.path, self.fields, history)
+        self.tensorboard.add(history[-1])
 
 
 def write_csv(path: str | os.PathLike, fieldnames: Sequence[str], rows) -> Path:

@@ -150,6 +150,18 @@ def refusal(folder: Path, names: list[str]) -> str:
             "--force to replace train.py's files in it")
 
 
+def remove_owned(path: Path) -> None:
+    """Remove a file train.py writes; for its TensorBoard folder, the event files in it, and
+    the folder when that empties it (anything else there stays)."""
+    if path.is_dir() and not path.is_symlink():
+        for event_file in path.glob("events.out.tfevents.*"):
+            event_file.unlink()
+        if not any(path.iterdir()):
+            path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+
+
 def clear_run_folder(folder: Path, owned_files: tuple[str, ...], force: bool, resuming_here: bool) -> list[str]:
     """Make the locked ``folder`` ready for this run; returns notes for the log.
 
@@ -168,7 +180,7 @@ def clear_run_folder(folder: Path, owned_files: tuple[str, ...], force: bool, re
             notes.append(f"{folder} holds a run that stopped before its first checkpoint; replacing its "
                          f"files ({', '.join(names)})")
         for name in owned_files:
-            (folder / name).unlink(missing_ok=True)
+            remove_owned(folder / name)
     for path in leftovers:
         path.unlink(missing_ok=True)
     if leftovers:
