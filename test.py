@@ -26,8 +26,8 @@ Existing output files (the CSV, and the report files when the folder is labelled
 not overwritten unless --force is given.
 
 Weights: by default the ones that scored best during training (best.pth records
-whether the raw or the EMA weights won); --ema forces the EMA weights, --weights model
-the raw ones. Exit codes: 0 done, 1 no image could be read, 2 bad arguments or
+whether the raw or the EMA weights won, and keeps only those); --ema forces the EMA
+weights, --weights model the raw ones (last.pth holds both). Exit codes: 0 done, 1 no image could be read, 2 bad arguments or
 checkpoint, or another failure said in one line (out of memory, a full disk, a
 read-only folder, a scan backend that cannot run here).
 """

@@ -468,7 +468,8 @@ class GroupMamba(nn.Module):
                               intermediates_only: bool = False):
         """timm's feature interface: the map of each stage in ``indices`` (None: all; an int
         n: the last n; a sequence: those stages, negative ones counted from the end), as
-        ``(B, C, H, W)`` (``output_fmt="NCHW"``) or ``(B, H, W, C)`` (``"NHWC"``).
+        ``(B, C, H, W)`` (``output_fmt="NCHW"``, channels-last in memory, as the network
+        keeps them) or ``(B, H, W, C)`` (``"NHWC"``).
 
         A stage's map is what the next stage reads (normed by that stage's norm); the last
         stage's map gets the final norm (the one the class token gets) only with ``norm``.
