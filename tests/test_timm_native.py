@@ -129,6 +129,17 @@ def test_prune_intermediate_layers_keeps_what_the_maps_need():
         assert features.shape == (1, 48)
 
 
+def test_features_only_with_pretrained_weights_from_a_file(small, tmp_path):
+    path = tmp_path / "weights.pth"
+    torch.save(small.state_dict(), path)
+    backbone = timm.create_model("groupmamba_tiny", features_only=True, out_indices=(1, 3), pretrained=True,
+                                 pretrained_cfg_overlay=dict(file=str(path)), **SMALL_KWARGS).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = small.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+        assert all(torch.equal(a, b) for a, b in zip(backbone(x), expected))
+
+
 # ----------------------------------------------------------------- preprocessing as pretrained_cfg
 
 def _non_square_image() -> Image.Image:
