@@ -37,7 +37,6 @@ import datetime
 import json
 import logging
 import os
-import tempfile
 import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,8 +46,8 @@ import torch
 
 from models import CheckpointError, apply_pretrained_cfg, preprocessing_cfg, read_checkpoint
 from models._helpers import SAFETENSORS_METADATA_KEY
-from utils.errors import reraise_with_path
 from utils.distributed import unwrap_model
+from utils.images import atomic_replace
 from utils.run_folder import acquire_run_lock, clear_run_folder, release_run_lock
 from utils.seed import get_rng_state, seed_everything, set_rng_state
 
@@ -89,26 +88,13 @@ def to_cpu(obj: Any) -> Any:
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same folder, then ``os.replace``:
-    an interrupted save never leaves a half-written checkpoint at ``path``. A full disk
-    or a read-only folder raises an ``OSError`` naming ``path``."""
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        reraise_with_path(exc, path)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(dict(state), fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        # torch.save reports a full disk as a RuntimeError about file positions: name the file
-        reraise_with_path(exc, path)
-    return path
+    """``torch.save`` through :func:`utils.images.atomic_replace`: an interrupted save never
+    leaves a half-written checkpoint at ``path``; a full disk or a read-only folder raises
+    an ``OSError`` naming ``path`` (torch.save reports it as a RuntimeError about file
+    positions). The file stays private to its owner (0o600), as mkstemp makes it."""
+    with atomic_replace(path, public=False) as tmp, open(tmp, "wb") as fh:
+        torch.save(dict(state), fh)  # through a Python file: a full disk comes up as an OSError
+    return Path(path)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], entries: Mapping[str, Any],
@@ -116,25 +102,15 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], entries: Mapping[st
     """``state_dict`` as a ``.safetensors`` file with ``entries`` (plain values, a checkpoint's
     other entries) as JSON under the header's ``"checkpoint"`` key, written atomically like
     :func:`save_checkpoint`: every checkpoint reader takes it as a checkpoint of ours."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path = Path(path)
     # copies: safetensors refuses tensors that share memory
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
     header = {SAFETENSORS_METADATA_KEY: json.dumps(to_plain(entries), ensure_ascii=False)}
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        reraise_with_path(exc, path)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        reraise_with_path(exc, path)
-    return path
+    data = save(tensors, metadata=header)  # bytes, written by Python: a full disk is an OSError
+    with atomic_replace(path, public=False) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+    return Path(path)
 
 
 # a best.pth's entries that a safetensors copy leaves out: its weights and the training state

@@ -41,6 +41,7 @@ import os
 import re
 import stat
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Sequence
@@ -57,7 +58,7 @@ __all__ = [
     "ImageReadError",
     "atomic_write_json",
     "atomic_write_text",
-    "check_writable",
+    "atomic_replace", "check_writable",
     "collect_images",
     "update_json",
     "is_image_file",
@@ -288,15 +289,14 @@ def open_rgb(path: str | os.PathLike,
 
 # --------------------------------------------------------------------------- writing
 
-def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically; returns ``Path(path)``.
+@contextmanager
+def atomic_replace(path: str | os.PathLike, public: bool = True) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder to write; on success it is flushed to
+    disk and renamed over ``path`` with ``os.replace``, so ``path`` is never half written.
 
-    The data goes to a temporary file in the destination folder (which must
-    exist), is flushed to disk, then renamed over ``path`` with ``os.replace``.
-    An existing ``path`` is replaced: deciding whether that is allowed is the
-    caller's job. The new file gets the usual permissions (0o666 minus umask). A full
-    disk or a read-only folder raises an ``OSError`` naming ``path``; the temporary
-    file is removed and an existing ``path`` stays as it was.
+    On any failure the temporary file is removed, an existing ``path`` stays as it was,
+    and a full disk or a read-only folder raises an ``OSError`` naming ``path``.
+    ``public``: the usual permissions (0o666 minus umask) instead of mkstemp's 0o600.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -304,22 +304,29 @@ def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:  # a read-only or full folder: name the file that was asked for
         reraise_with_path(exc, path)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding=encoding, newline="") as fh:
-            fh.write(text)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as fh:  # what the writer closed is on disk before the rename
             os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        if public:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException as exc:
-        try:
+        if os.path.exists(tmp):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         reraise_with_path(exc, path)
-    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_replace`); returns ``Path(path)``.
+    An existing ``path`` is replaced: deciding whether that is allowed is the caller's job."""
+    with atomic_replace(path) as tmp:
+        with open(tmp, "w", encoding=encoding, newline="") as fh:
+            fh.write(text)
+    return Path(path)
 
 
 def check_writable(path: str | os.PathLike) -> list[Path]:
