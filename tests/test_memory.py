@@ -25,7 +25,8 @@ def request(**overrides) -> SimpleNamespace:
     return SimpleNamespace(**{**values, **overrides})
 
 
-def test_grad_checkpointing_is_on_by_default_on_a_cpu_only():
+def test_grad_checkpointing_is_on_by_default_on_a_cpu_only(monkeypatch):
+    monkeypatch.setattr(memory, "available_gib", lambda: 21.0)  # a 24 GiB machine
     parse = build_parser().parse_args
     assert parse([]).grad_checkpointing is None  # unset: the plan decides
     assert parse(["--grad-checkpointing"]).grad_checkpointing is True
@@ -39,6 +40,10 @@ def test_grad_checkpointing_is_on_by_default_on_a_cpu_only():
     assert plan.grad_checkpointing and "gradient checkpointing" in plan.describe()
     assert plan.notes == (note,)
     plan = plan_speed(request(grad_checkpointing=False), DistEnv(device=CPU), grad_scaling=False)
+    assert not plan.grad_checkpointing and plan.notes == ()
+    # a step that fits without it (--preset quick's 64 px, batch 32) runs at full speed
+    assert choose_grad_checkpointing(None, CPU, fits_without=True) == (False, None)
+    plan = plan_speed(request(img_size=64, batch_size=32), DistEnv(device=CPU), grad_scaling=False)
     assert not plan.grad_checkpointing and plan.notes == ()
     plan = plan_speed(request(grad_checkpointing=True, cuda_graph=True), DistEnv(device=CUDA), grad_scaling=False)
     assert plan.cuda_graph and not plan.grad_checkpointing

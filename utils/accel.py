@@ -21,6 +21,7 @@ from kernels import grid_scan
 from kernels.selective_scan import BackendUnavailableError, available_backends
 from models import is_groupmamba
 from utils.cuda_graphs import CapturedForward, CapturedTrainStep
+from utils.memory import step_fits
 
 __all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "choose_grad_checkpointing", "compile_blocks", "compile_regions",
            "compile_seconds", "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds",
@@ -109,7 +110,8 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
         notes.append("--compile is off under DataParallel (for several GPUs and compiling, use "
                      "torchrun --nproc_per_node=N)")
         compile_ = False
-    grad_checkpointing, note = choose_grad_checkpointing(config.grad_checkpointing, env.device)
+    fits_without = step_fits(config, False) if env.device.type == "cpu" else None
+    grad_checkpointing, note = choose_grad_checkpointing(config.grad_checkpointing, env.device, fits_without)
     notes += [note] if note else []
     if grad_checkpointing and cuda_graph:
         # the recomputation saves and restores the random-number state inside the step
@@ -119,19 +121,22 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
     return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, grad_checkpointing, tuple(notes))
 
 
-def choose_grad_checkpointing(requested: Optional[bool], device: torch.device) -> tuple[bool, Optional[str]]:
-    """``(on, a note when on by default)``: what ``--grad-checkpointing`` asks, else on for a
-    CPU and off for a GPU. On a CPU a fp32 step keeps about 0.32 GiB of activations per
-    224 px image of groupmamba_tiny (about 21 GiB at the default batch 64), 0.12 GiB
-    with checkpointing, for about a quarter more time per step (bench/RESULTS.md); a
-    GPU's default bf16 steps fit into its memory, and its speed comes first."""
+def choose_grad_checkpointing(requested: Optional[bool], device: torch.device,
+                              fits_without: Optional[bool] = None) -> tuple[bool, Optional[str]]:
+    """``(on, a note when on by default)``: what ``--grad-checkpointing`` asks; else, on a
+    CPU, on unless the step is known to fit without it (``fits_without``, from
+    :func:`utils.memory.step_fits`), and off on a GPU. On a CPU a fp32 step keeps about
+    0.32 GiB of activations per 224 px image of groupmamba_tiny (about 21 GiB at the
+    default batch 64), 0.12 GiB with checkpointing, for about a quarter more time per step
+    (bench/RESULTS.md): worth it only where memory is short. A GPU's default bf16 steps fit
+    into its memory, and its speed comes first."""
     if requested is not None:
         return requested, None
-    if device.type != "cpu":
+    if device.type != "cpu" or fits_without:
         return False, None
-    return True, ("gradient checkpointing is on (the CPU default): blocks are recomputed in the backward, "
-                  "for less than half the memory and about a quarter more time per step; "
-                  "--no-grad-checkpointing turns it off")
+    return True, ("gradient checkpointing is on (the CPU default when a step may not fit in memory): "
+                  "blocks are recomputed in the backward, for less than half the memory and about a "
+                  "quarter more time per step; --no-grad-checkpointing turns it off")
 
 
 def set_grad_checkpointing(model: torch.nn.Module, plan: SpeedPlan) -> bool:

@@ -98,7 +98,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGr
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only each block's input and recompute its activations in the backward: "
                         "less than half the training memory for about a quarter more time per step "
-                        "(GroupMamba on a CPU); unset: on for a CPU, off for a GPU")
+                        "(GroupMamba on a CPU); unset: on for a CPU when a training step may not fit "
+                        "in memory without it, else off")
     g.add_argument("--low-memory", action="store_true",
                    help="GroupMamba: fused depth-wise conv kernels that recompute in the backward "
                         "and, with --compile, a lower activation memory budget: about half the "

@@ -11,7 +11,6 @@ available now and says what would fit.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +142,16 @@ def memory_problem(model: str, img_size: int, batch_size: int, grad_checkpointin
             else "free some memory or train a smaller model")
     return (f"a training step of {model} at {img_size} px, batch {batch_size} needs about {need:.1f} GiB "
             f"of memory{per} (estimated) and {available:.1f} GiB is available; {todo}")
+
+
+def step_fits(config, grad_checkpointing: bool) -> Optional[bool]:
+    """Whether a CPU training step of ``config`` fits into the available memory (shared by
+    torchrun's processes on this machine); None when the model or the memory is unknown."""
+    need = estimate_step_gib(config.model, config.img_size, config.batch_size, grad_checkpointing, config.workers)
+    available = available_gib()
+    if need is None or available is None:
+        return None
+    return need * int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= available
 
 
 def check_step_memory(config, grad_checkpointing: bool, device) -> None:
