@@ -50,10 +50,10 @@ from utils.accel import resolve_scan_backend
 from utils.amp import AMP_MODES
 from utils.checkpoint import INFERENCE_KEYS, CheckpointError, check_checkpoint, load_checkpoint
 from utils.config import SCAN_BACKEND_ENV, choose_scan_backend
-from utils.datasets import DatasetError, PredictDataset, collect_images, labels_from_folder
+from utils.datasets import DatasetError, PredictDataset
 from utils.distributed import resolve_device
 from utils.errors import UsageError, exit_if_known
-from utils.images import check_writable
+from utils.images import check_writable, collect_images, labels_from_folder
 from utils.predictions import prediction_row, ranked, top_k_lines, write_predictions
 from utils.report import write_classification_report
 

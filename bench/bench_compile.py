@@ -26,7 +26,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 PHASES = ("cold", "warm", "artifacts")
@@ -44,19 +43,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def timed(fn) -> float:
-    import torch
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def run_phase(args) -> dict:
     """One phase in this process: compile, time the first steps, report."""
     import torch
     import models
+    from bench_model import first_call_seconds as timed  # wall time of one call, synchronised
     from utils.accel import SpeedPlan, compile_regions, compile_seconds
     if args.phase == "artifacts":
         torch.compiler.load_cache_artifacts(Path(args.artifacts).read_bytes())

@@ -39,10 +39,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-# DatasetError, collect_images and labels_from_folder live in utils.images (no torch there,
-# for predict_onnx.py); they are re-exported here
-from utils.images import (DatasetError, ImageReadError, atomic_write_text, collect_images,  # noqa: F401
-                          labels_from_folder, open_rgb, scan_image_folder)
+# DatasetError lives in utils.images (no torch there, for predict_onnx.py); re-exported here
+from utils.images import DatasetError, ImageReadError, atomic_write_text, open_rgb, scan_image_folder  # noqa: F401
 
 CHECK_MODES = ("full", "header", "none")
 
