@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from utils.amp import Precision
 from utils.distributed import DistEnv, all_reduce_sums, unwrap_model
+from utils.interrupt import raise_if_interrupted
 from utils.metrics import AverageMeter, topk_hits
 
 
@@ -145,6 +146,7 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
     pending = None  # (step, loss copy, batch size) not yet read
     step = 0
     for step, (images, target) in enumerate(loader, start=1):
+        raise_if_interrupted()
         if step > steps:
             step = steps
             break

@@ -18,9 +18,20 @@ import threading
 from contextlib import contextmanager
 from typing import Iterator
 
-__all__ = ["INTERRUPTED_EXIT_CODE", "SigintHandler", "ignore_sigint", "stop_on_sigint"]
+__all__ = ["INTERRUPTED_EXIT_CODE", "SigintHandler", "ignore_sigint", "raise_if_interrupted", "stop_on_sigint"]
 
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a process ended by Ctrl-C
+
+
+_requested = False  # a Ctrl-C arrived while stop_on_sigint's handler was installed
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when a Ctrl-C arrived: the handler's own exception can be
+    swallowed where it lands in a ``__del__`` (e.g. a DataLoader shutting its workers down,
+    reported as "Exception ignored in ..."); the training loop calls this every step."""
+    if _requested:
+        raise KeyboardInterrupt
 
 
 class SigintHandler:
@@ -30,6 +41,8 @@ class SigintHandler:
         self.count = 0
 
     def __call__(self, signum, frame) -> None:
+        global _requested
+        _requested = True
         self.count += 1
         if self.count > 1:
             # no clean-up: the first interrupt's is what is taking too long
@@ -45,11 +58,14 @@ def stop_on_sigint() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _requested
+    _requested = False
     previous = signal.signal(signal.SIGINT, SigintHandler())
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _requested = False
 
 
 def ignore_sigint(worker_id: int) -> None:
