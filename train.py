@@ -28,8 +28,9 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa
 
 from models import CheckpointError, ModelConfigError, create_model, load_pretrained  # noqa: E402
 from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  # noqa: E402
-                         describe_compile_seconds, plan_speed, set_grad_checkpointing)
+                         describe_compile_seconds, plan_compile, plan_speed, set_grad_checkpointing)
 from utils.amp import Precision, resolve_amp  # noqa: E402
+from utils.compile_cache import ARTIFACTS_FILE, keep_artifacts  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
                               run_description, save_best, save_checkpoint, to_cpu, to_plain, training_checkpoint)
 from utils.config import memory_hint, mixup_active, parse_config  # noqa: E402
@@ -40,7 +41,7 @@ from utils.distributed import (DistEnv, barrier, broadcast_object, cleanup_distr
                                run_on_main, setup_distributed, unwrap_model, wrap_model)
 from utils.ema import ModelEma  # noqa: E402
 from utils.engine import NonFiniteLossError, heads_loss, predict_batches, train_one_epoch, validate  # noqa: E402
-from utils.errors import LogFile, exit_if_known  # noqa: E402
+from utils.errors import exit_if_known, setup_logging  # noqa: E402
 from utils.images import atomic_write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT_CODE, stop_on_sigint  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
@@ -54,7 +55,8 @@ from utils.transforms import load_stats  # noqa: E402
 log = logging.getLogger("train")
 
 OUTPUT_FILES = ("args.json", "train.log", "metrics.csv", "curves.png", "last.pth", "best.pth", "best.safetensors",
-                "report.txt", "report.json", "confusion_matrix.png", "skipped_images.txt", "tensorboard")
+                "report.txt", "report.json", "confusion_matrix.png", "skipped_images.txt", "tensorboard",
+                ARTIFACTS_FILE)
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_acc1", "train_acc5", "val_loss", "val_acc1", "val_acc5",
                  "ema_val_loss", "ema_val_acc1", "ema_val_acc5", "best_acc1", "best_epoch", "best_source",
                  "train_img_s", "epoch_time_s", "elapsed_s", "grad_norm")
@@ -78,19 +80,6 @@ class Parts:
 
 
 # ------------------------------------------------------------------------ set-up
-
-def setup_logging(env: DistEnv, output: Optional[Path] = None) -> None:
-    log.handlers.clear()
-    log.propagate = False
-    log.setLevel(logging.INFO if env.is_main else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers = [logging.StreamHandler(sys.stdout)]
-    if output is not None and env.is_main:
-        handlers.append(LogFile(output / "train.log", encoding="utf-8"))
-    for handler in handlers:
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-
 
 def build_loss(config, num_classes: int):
     """``(Mixup or None, criterion)``: soft targets with Mixup/CutMix, else label smoothing."""
@@ -152,7 +141,7 @@ def run_epoch(config, parts: Parts, model, loaders, runners, env: DistEnv, state
             "train_s": val_start - start, "host_ms": tr["host_ms"], "steps": tr["steps"], "time_s": tr["time_s"]}
 
 
-def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool) -> None:
+def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool, output: Path) -> None:
     ema = f"  |  EMA acc1 {row['ema_val_acc1']:.2f}" if row["ema_val_acc1"] is not None else ""
     log.info("epoch %d/%d  train loss %.4f acc1 %.2f  |  val loss %.4f acc1 %.2f acc5 %.2f%s  |  best %.2f "
              "(%s, epoch %d)%s  %.0fs %.1f img/s", row["epoch"], state.epochs, row["train_loss"],
@@ -162,6 +151,7 @@ def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool) -> N
     if row["epoch"] == first_epoch and compiled:  # it compiled the training and evaluation graphs
         log.info("compiling in epoch %d: %s; the epoch took %.1f s training, %.1f s validating", row["epoch"],
                  describe_compile_seconds(compile_seconds()), row["train_s"], row["epoch_time_s"] - row["train_s"])
+        log.info(keep_artifacts(output / ARTIFACTS_FILE))
     if row["epoch"] == first_epoch + 1:  # the first epoch after compiling and warm-up
         log.info("host time per training step: %s (of %.1f ms a step)",
                  ", ".join(f"{k} {v:.1f} ms" for k, v in row["host_ms"].items()),
@@ -213,7 +203,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                 save_checkpoint(training_checkpoint(config, parts, state, meta, full=True), output / "last.pth")
                 plot_curves(state.history, output / "curves.png")
             epoch_log.write(state.history)
-            log_epoch(row, state, first_epoch, plan.compile)
+            log_epoch(row, state, first_epoch, plan.compile, output)
             skipped.report(output / "skipped_images.txt", log)
         barrier(env)
         if out_of_time:
@@ -248,7 +238,7 @@ def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path,
 # ------------------------------------------------------------------------ the run
 
 def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
-    setup_logging(env)
+    setup_logging(log, env.is_main)
     seed_everything(config.seed)  # the same initial weights on every rank
     try:
         mean, std, stats_msg = load_stats(config.stats)
@@ -269,13 +259,14 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
                                                                  skipped)
     clock["data loaders"] = time.perf_counter()
     steps = min(len(train_loader), config.max_train_batches or len(train_loader))
+    plan = plan_compile(plan, config, env, steps, (resume_ckpt or {}).get("epoch", 0), len(val_split.samples))
     teacher = None if teacher_source is None else setup_teacher(
         teacher_source, classes, config.img_size, mean, std, env.device, plan.scan_backend, env.data_parallel)
     parts = build_parts(config, plan, len(classes), steps, env, teacher)
     clock["model"] = time.perf_counter()
     seed_everything(config.seed, env.rank)  # each rank its own augmentation stream
     output, folder_notes = run_on_main(lambda: prepare_run_folder(config, OUTPUT_FILES), env)  # locked till main ends
-    setup_logging(env, output)
+    setup_logging(log, env.is_main, output / "train.log")
     log.info("data %s: %d classes, %d train / %d val images; %s; %s", config.data, len(classes),
              len(train_split.samples), len(val_split.samples), stats_msg, data_path)
     marks = [PROCESS_START] + list(clock.values())

@@ -41,6 +41,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -48,6 +49,7 @@ import torch._inductor.config as inductor_config
 
 import models
 from utils.accel import SpeedPlan, compile_regions, compile_seconds, plan_speed, set_grad_checkpointing
+from utils.compile_cache import resolve_cache_dir, use_cache_dir
 from utils.config import add_speed_arguments, choose_scan_backend
 from utils.cuda_graphs import capture
 from utils.distributed import DistEnv
@@ -69,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--train-only", action="store_true",
                         help="no inference part (saves its compile when comparing training variants)")
     parser.add_argument("--json", type=Path, default=None, help="write (update) the results here")
-    add_speed_arguments(parser)
+    add_speed_arguments(parser, switch_default="off")
     expert = parser.add_argument_group("kernels and profiles")
     expert.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N kernels with the most GPU time per training (and inference) step")
@@ -207,7 +209,10 @@ def speed_plan(name: str, args) -> SpeedPlan:
     request = SimpleNamespace(model=name, scan_backend=args.scan_backend, compile=args.compile,
                               cuda_graph=args.cuda_graph, low_memory=args.low_memory,
                               grad_checkpointing=args.grad_checkpointing, teacher=None)
-    return plan_speed(request, DistEnv(device=torch.device("cuda")), grad_scaling=False)
+    plan = plan_speed(request, DistEnv(device=torch.device("cuda")), grad_scaling=False)
+    if plan.compile is not False:  # --compile auto compiles a run long enough to pay: a benchmark's steady state
+        use_cache_dir(resolve_cache_dir(args.compile_cache))
+    return replace(plan, compile=plan.compile is not False)
 
 
 def mode_name(plan: SpeedPlan) -> str:

@@ -25,9 +25,11 @@ def write_metrics(run: Path, rows: list[tuple]) -> None:
     run.mkdir(parents=True)
     with open(run / "metrics.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["epoch", "val_acc1", "ema_val_acc1", "elapsed_s"])
+        writer.writerow(["epoch", "val_acc1", "ema_val_acc1", "elapsed_s", "epoch_time_s"])
+        before = 0.0
         for epoch, val, ema, elapsed in rows:
-            writer.writerow([epoch, val, "" if ema is None else ema, elapsed])
+            writer.writerow([epoch, val, "" if ema is None else ema, elapsed, elapsed - before])
+            before = elapsed
     (run / "args.json").write_text(json.dumps({"run": {"command": "train.py --preset fast",
                                                        "device": "cuda:0"}}))
 
@@ -45,8 +47,21 @@ def test_time_to_accuracy_reads_first_epoch_at_target_and_best_in_budget(tmp_pat
     assert result["best_val_acc1_300s"] == pytest.approx(0.96)
     merged = json.loads(out.read_text())
     assert merged["train_img_s_tiny_224_bs128"] == 1.0  # other keys kept
-    assert merged["time_to_accuracy"]["epoch_reached_target"] == 3
-    assert merged["time_to_accuracy"]["command"] == "train.py --preset fast"
+    assert merged["time_to_accuracy"]["runs"][0]["epoch_reached_target"] == 3
+    assert merged["time_to_accuracy"]["runs"][0]["command"] == "train.py --preset fast"
+    assert merged["time_to_accuracy"]["first_epoch_overhead_s"] == 100.0 - 49.5  # over the median of the next ones
+
+
+def test_time_to_accuracy_summarises_several_seeds(tmp_path):
+    tta = load("time_to_accuracy")
+    for name, at_target in (("a", 200.0), ("b", 260.0), ("c", None)):
+        write_metrics(tmp_path / name, [(1, 90.0, None, 100.0), (2, 95.0 if at_target else 94.0, None,
+                                                                   at_target or 250.0)])
+    result = tta.main(["--from-run", *(str(tmp_path / n) for n in "abc")])
+    assert result["time_to_95_s"] == {"values": [200.0, 260.0, None], "runs_without": 1, "mean": 230.0,
+                                      "min": 200.0, "max": 260.0}
+    assert result["best_val_acc1_300s"]["mean"] == pytest.approx((0.95 + 0.95 + 0.94) / 3, abs=1e-4)
+    assert len(result["time_to_accuracy"]["runs"]) == 3
 
 
 def test_time_to_accuracy_never_reached_and_bad_runs(tmp_path):
@@ -85,7 +100,8 @@ def test_bench_model_headline_keys_come_from_groupmamba_tiny_rows():
 def test_bench_model_takes_train_py_speed_options(monkeypatch):
     bench = load("bench_model")
     args = bench.parse_args(["--compile", "--cuda-graph", "--low-memory", "--scan-backend", "grid"])
-    assert (args.compile, args.cuda_graph, args.low_memory, args.scan_backend) == (True, True, True, "grid")
+    assert (args.compile, args.cuda_graph, args.low_memory, args.scan_backend) == ("on", "on", True, "grid")
+    assert (bench.parse_args([]).compile, bench.parse_args([]).cuda_graph) == ("off", "off")  # measures what it is asked
     monkeypatch.setenv("GROUPMAMBA_SCAN_BACKEND", "torch")
     assert bench.parse_args([]).scan_backend == "torch"  # flag, else the environment, else auto
     assert bench.parse_args(["--scan-backend", "cuda"]).scan_backend == "cuda"

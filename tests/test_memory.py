@@ -20,7 +20,7 @@ TINY = "groupmamba_tiny"
 
 def request(**overrides) -> SimpleNamespace:
     """train.py's defaults for what the plan and the pre-flight read."""
-    values = dict(model=TINY, scan_backend="torch", compile=False, cuda_graph=False, low_memory=False,
+    values = dict(model=TINY, scan_backend="torch", compile="off", cuda_graph="off", low_memory=False,
                   grad_checkpointing=None, teacher=None, img_size=224, batch_size=64, workers=2)
     return SimpleNamespace(**{**values, **overrides})
 
@@ -45,7 +45,7 @@ def test_grad_checkpointing_is_on_by_default_on_a_cpu_only(monkeypatch):
     assert choose_grad_checkpointing(None, CPU, fits_without=True) == (False, None)
     plan = plan_speed(request(img_size=64, batch_size=32), DistEnv(device=CPU), grad_scaling=False)
     assert not plan.grad_checkpointing and plan.notes == ()
-    plan = plan_speed(request(grad_checkpointing=True, cuda_graph=True), DistEnv(device=CUDA), grad_scaling=False)
+    plan = plan_speed(request(grad_checkpointing=True, cuda_graph="on"), DistEnv(device=CUDA), grad_scaling=False)
     assert plan.cuda_graph and not plan.grad_checkpointing
     assert plan.notes == ("--grad-checkpointing is off: this toolkit does not capture recomputed blocks in CUDA "
                           "graphs (choose one of --grad-checkpointing and --cuda-graph)",)

@@ -317,8 +317,10 @@ def test_presets_set_defaults_and_flags_win(train_script):
     assert args.val_batch_size == 256
     assert train_script.parse_config([])[0].val_batch_size == 64  # --batch-size
     args, _ = train_script.parse_config(["--preset", "fast", "--img-size", "128", "--compile"])
-    assert args.img_size == 128 and args.compile and args.lr == 5e-4
-    assert train_script.parse_config([])[0].compile is False
+    assert args.img_size == 128 and args.compile == "on" and args.lr == 5e-4
+    defaults = train_script.parse_config([])[0]
+    assert (defaults.compile, defaults.cuda_graph, defaults.compile_cache) == ("auto", "auto", None)
+    assert train_script.parse_config(["--compile", "off", "--cuda-graph"])[0].cuda_graph == "on"
 
 
 def test_the_configuration_is_resolved_once_and_read_only(train_script):

@@ -3,7 +3,8 @@ replayed from CUDA graphs, how much activation memory is kept (``--low-memory``,
 gradient checkpointing).
 
 :func:`plan_speed` turns the requested settings into a :class:`SpeedPlan` once, before
-the model is built; train.py logs it, records it in ``args.json`` and passes it down.
+the model is built, and :func:`plan_compile` settles ``--compile auto`` once the run's
+length is known; train.py logs the plan, records it in ``args.json`` and passes it down.
 The helpers below carry it out: :func:`compile_regions` (regional compilation of the
 model and its EMA) and :func:`cuda_graph_runners` (the captured training step and
 validation forwards, :mod:`utils.cuda_graphs`).
@@ -11,7 +12,7 @@ validation forwards, :mod:`utils.cuda_graphs`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -20,12 +21,13 @@ import torch._functorch.config as functorch_config
 from kernels import grid_scan
 from kernels.selective_scan import BackendUnavailableError, available_backends
 from models import is_groupmamba
+from utils.compile_cache import prepare_compile_cache
 from utils.cuda_graphs import CapturedForward, CapturedTrainStep
 from utils.memory import step_fits
 
-__all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "choose_grad_checkpointing", "compile_blocks", "compile_regions",
-           "compile_seconds", "cuda_graph_problem", "cuda_graph_runners", "describe_compile_seconds",
-           "plan_speed", "resolve_scan_backend", "set_grad_checkpointing"]
+__all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "choose_grad_checkpointing", "compile_blocks", "compile_estimate",
+           "compile_regions", "compile_seconds", "cuda_graph_problem", "cuda_graph_runners", "decide_compile",
+           "describe_compile_seconds", "plan_compile", "plan_speed", "resolve_scan_backend", "set_grad_checkpointing"]
 
 # the compiler's activation memory budget in low-memory mode: below 1 its partitioner
 # recomputes cheap activations in the backward instead of keeping them (same numerics)
@@ -36,7 +38,7 @@ LOW_MEMORY_BUDGET = 0.9
 class SpeedPlan:
     """What runs: the resolved scan backend and the speed options that are on."""
     scan_backend: Optional[str]  # grid, triton, cuda or torch; None for a model without scans
-    compile: bool
+    compile: Optional[bool]  # None: --compile auto, decided by decide_compile once the run's length is known
     cuda_graph: bool
     low_memory: bool
     grad_checkpointing: bool = False
@@ -98,17 +100,19 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
     notes = []
     # resolving imports the scan kernels now: an import inside compiled code breaks the graph
     backend = resolve_scan_backend(config.scan_backend, env.device) if is_groupmamba(config.model) else None
-    cuda_graph = config.cuda_graph
     problem = cuda_graph_problem(env.device, env.distributed, env.data_parallel, grad_scaling,
                                  config.teacher is not None)
-    if cuda_graph and problem:
+    if config.cuda_graph == "on" and problem:
         notes.append(f"--cuda-graph is off: {problem}")
-        cuda_graph = False
-    compile_ = config.compile
-    if compile_ and env.data_parallel:
+    # auto: wherever a GroupMamba can be captured; other models may sync with the host inside a step
+    cuda_graph = problem is None and (config.cuda_graph == "on" or (
+        config.cuda_graph == "auto" and is_groupmamba(config.model) and not config.grad_checkpointing))
+    compile_ = {"on": True, "off": False}.get(config.compile)  # None: auto, decided later
+    if compile_ is not False and env.data_parallel:
         # DataParallel's replicas would call the compiled code bound to the original module
-        notes.append("--compile is off under DataParallel (for several GPUs and compiling, use "
-                     "torchrun --nproc_per_node=N)")
+        if compile_:
+            notes.append("--compile is off under DataParallel (for several GPUs and compiling, use "
+                         "torchrun --nproc_per_node=N)")
         compile_ = False
     fits_without = step_fits(config, False) if env.device.type == "cpu" else None
     grad_checkpointing, note = choose_grad_checkpointing(config.grad_checkpointing, env.device, fits_without)
@@ -119,6 +123,62 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
                      "CUDA graphs (choose one of --grad-checkpointing and --cuda-graph)")
         grad_checkpointing = False
     return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, grad_checkpointing, tuple(notes))
+
+
+# What compiling costs and saves for a GroupMamba (bench/RESULTS.md): seconds spent
+# compiling the training and validation graphs by the state of the compile cache, and
+# training seconds per image of groupmamba_tiny at 192 px, batch 64, bf16, keyed by
+# (compiled, CUDA graph); measured on one H100, scaled by pixels and model size.
+COMPILE_SECONDS = {"cold": 150.0, "warm": 20.0, "artifacts": 35.0}
+SECONDS_PER_IMAGE_192 = {(False, False): 1 / 650, (False, True): 1 / 650, (True, False): 1 / 1300,
+                         (True, True): 1 / 1750}
+MODEL_COST = {"groupmamba_tiny": 1.0, "groupmamba_small": 1.29, "groupmamba_base": 2.01}
+VALIDATION_COST = 0.3  # a validation image costs about this much of a training image
+
+
+def compile_estimate(plan: SpeedPlan, model_name: str, img_size: int, images: float,
+                     time_limit: Optional[float], cache_state: str) -> tuple[float, float, float]:
+    """``(eager seconds, compiled seconds, compile seconds)`` of a run that trains
+    ``images`` (validation included as training-image equivalents); under a time limit,
+    the images are those eager training would finish in it."""
+    scale = MODEL_COST.get(model_name, max(MODEL_COST.values())) * (img_size / 192) ** 2
+    eager = SECONDS_PER_IMAGE_192[(False, plan.cuda_graph)] * scale
+    compiled = SECONDS_PER_IMAGE_192[(True, plan.cuda_graph)] * scale
+    if time_limit is not None:
+        images = min(images, time_limit / eager)
+    cost = COMPILE_SECONDS[cache_state]
+    return images * eager, cost + images * compiled, cost
+
+
+def decide_compile(plan: SpeedPlan, model_name: str, device: torch.device, img_size: int, images: float,
+                   time_limit: Optional[float], cache) -> SpeedPlan:
+    """Resolve ``--compile auto`` (``plan.compile`` None): compile a GroupMamba on a GPU
+    when the run's estimated time with compiling, the compile itself included, is
+    shorter than without. ``cache``: the :class:`utils.compile_cache.CacheState`."""
+    if plan.compile is not None:
+        return plan
+    if device.type != "cuda":
+        return replace(plan, compile=False)  # compiling pays on GPUs; a CPU run stays eager quietly
+    if not is_groupmamba(model_name):
+        return replace(plan, compile=False, notes=plan.notes + (
+            f"--compile auto: off, no compile figures for {model_name} (--compile on compiles it)",))
+    eager_s, compiled_s, cost = compile_estimate(plan, model_name, img_size, images, time_limit, cache.state)
+    on = compiled_s < eager_s
+    return replace(plan, compile=on, notes=plan.notes + (
+        f"--compile auto: {'on' if on else 'off'}: about {eager_s / 60:.1f} min of steps eager against "
+        f"{compiled_s / 60:.1f} min compiled, {cost:.0f} s of compiling included ({cache.describe()})",))
+
+
+def plan_compile(plan: SpeedPlan, config, env, steps: int, epochs_done: int, val_images: int) -> SpeedPlan:
+    """Install the compile cache when the run may compile and resolve ``--compile auto``
+    for a run of ``steps`` training steps an epoch from epoch ``epochs_done`` on."""
+    if plan.compile is False or (plan.compile is None and env.device.type != "cuda"):
+        return decide_compile(plan, config.model, env.device, config.img_size, 0.0, None, None)
+    cache = prepare_compile_cache(config.compile_cache, config.resume)
+    val = min(val_images / env.world_size, (config.max_val_batches or math.inf) * config.val_batch_size)
+    passes = 2 if config.ema_decay else 1  # raw and EMA weights
+    images = (config.epochs - epochs_done) * (steps * config.batch_size + passes * val * VALIDATION_COST)
+    return decide_compile(plan, config.model, env.device, config.img_size, images, config.time_limit, cache)
 
 
 def choose_grad_checkpointing(requested: Optional[bool], device: torch.device,

@@ -20,6 +20,7 @@ from kernels.grid_scan import SCAN_BACKENDS
 from models import ModelConfigError, check_model_name, is_groupmamba
 from utils.amp import AMP_MODES
 from utils.checkpoint import RESUME_KEYS, CheckpointError, load_checkpoint
+from utils.compile_cache import DEFAULT_COMPILE_CACHE
 from utils.datasets import CHECK_MODES
 from utils.distillation import DISTILLATION_TYPES
 from utils.gpu_data import GPU_DATA_MODES
@@ -36,17 +37,19 @@ PRESETS = {
     # the short-schedule recipe for one GPU, tuned on the plant-seedlings val split for
     # the best model within 300 s (bench/RESULTS.md, 2026-11-28 entries): 192 px,
     # batch 64 at lr 5e-4, random transposes (photos taken from above have no "up"),
-    # GPU-resident data, compiled blocks and CUDA graphs, checkpoints every 10 epochs
+    # checkpoints every 10 epochs (compiling, CUDA graphs and GPU-resident data are the
+    # GPU defaults anyway)
     "fast": {"img_size": 192, "batch_size": 64, "epochs": 130, "lr": 5e-4,
              "val_batch_size": 256, "warmup_epochs": 3.0, "transpose": 0.5, "gpu_data": "auto",
-             "save_every": 10, "workers": 16, "compile": True, "cuda_graph": True},
+             "save_every": 10, "workers": 16},
 }
 # saved arguments that a resumed run does not inherit (the scan backend is the machine's)
-NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend"}
+NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend", "compile_cache"}
+SWITCH = ("auto", "on", "off")
 
 EXAMPLES = """examples:
   python train.py --preset quick              a check on a CPU: 64 px, two short epochs
-  python train.py --preset fast               a GPU run: compiled, data kept on the GPU
+  python train.py --preset fast               the short recipe for one GPU
   python makedata.py --src my_images --dst my_data && \\
   python train.py --data my_data --epochs 50  your own images, one folder per class
 """
@@ -81,20 +84,26 @@ def choose_scan_backend(flag: Optional[str], environ: Mapping[str, str] = os.env
     return value or "auto"
 
 
-def add_speed_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
-    """The speed options, with the same names and meaning in train.py and the benchmarks."""
+def add_speed_arguments(parser: argparse.ArgumentParser, switch_default: str = "auto") -> argparse._ArgumentGroup:
+    """The speed options, with the same names and meaning in train.py and the benchmarks
+    (a benchmark measures what it is asked: its switches default to off)."""
     g = parser.add_argument_group("speed")
     g.add_argument("--scan-backend", choices=SCAN_BACKENDS, default=None,
                    help="the selective scan: auto (the grid scan on a GPU, pure PyTorch on a CPU), "
                         "grid (fused Triton kernels that read each channel group's order in place), "
                         "triton, cuda (the optional compiled extension) or torch; unset: "
                         f"${SCAN_BACKEND_ENV}, else auto")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile each block in place (regional compilation): faster steps "
-                        "after a first epoch spent compiling")
-    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=False,
-                   help="replay each training step and validation forward from a CUDA graph "
-                        "(one GPU, one process, bf16 or fp32)")
+    g.add_argument("--compile", choices=SWITCH, nargs="?", const="on", default=switch_default,
+                   help="torch.compile each block in place (regional compilation): faster steps after a "
+                        "first epoch spent compiling; auto: compile a GroupMamba on a GPU when the run is "
+                        "long enough to win back the compile time (the log says why); --compile alone: on")
+    g.add_argument("--cuda-graph", choices=SWITCH, nargs="?", const="on", default=switch_default,
+                   help="replay each training step and validation forward from a CUDA graph (one GPU, one "
+                        "process, bf16 or fp32); auto: on for a GroupMamba where it can run; "
+                        "--cuda-graph alone: on")
+    g.add_argument("--compile-cache", default=None, metavar="DIR",
+                   help="where compiled graphs and kernels are kept between runs (unset: "
+                        f"$TORCHINDUCTOR_CACHE_DIR, else {DEFAULT_COMPILE_CACHE})")
     g.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only each block's input and recompute its activations in the backward: "
                         "less than half the training memory for about a quarter more time per step "
@@ -347,6 +356,8 @@ def parse_config(argv=None) -> tuple[Config, Optional[dict]]:
             parser.error(f"--model {explicit['model']} differs from the checkpoint's {saved.get('model')}; "
                          "a resumed run keeps its model")
         values.update({k: v for k, v in saved.items() if k in values and k not in NOT_INHERITED})
+        for name in ("compile", "cuda_graph"):  # older runs saved these as true/false
+            values[name] = {True: "on", False: "off"}.get(values[name], values[name])
     preset = explicit.get("preset") if resume_ckpt else values.get("preset")
     if preset:
         values.update(PRESETS[preset])

@@ -19,6 +19,9 @@ own ``known`` errors (whose message is already written for a user):
   ``RuntimeError``);
 - a selective-scan backend that cannot run here (its message says why).
 
+:func:`setup_logging` sends a script's log to the console and, from the main process, to
+a :class:`LogFile` that survives a full disk.
+
 No torch import at module level: mean_std.py and makedata.py start without torch.
 """
 from __future__ import annotations
@@ -148,3 +151,17 @@ class LogFile(logging.FileHandler):
         print(f"warning: cannot write {self.baseFilename} ({what}); the log goes to the console only",
               file=sys.stderr)
         self.setLevel(logging.CRITICAL + 1)  # nothing more for this file
+
+
+def setup_logging(logger: logging.Logger, is_main: bool, log_file: Optional[str | os.PathLike] = None) -> None:
+    """``logger`` writes time-stamped lines to stdout and, on the main process, to
+    ``log_file``; the other processes of a distributed run log warnings only."""
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if log_file is not None and is_main:
+        handlers.append(LogFile(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
