@@ -166,7 +166,7 @@ def decide_compile(plan: SpeedPlan, model_name: str, device: torch.device, img_s
     on = compiled_s < eager_s
     return replace(plan, compile=on, notes=plan.notes + (
         f"--compile auto: {'on' if on else 'off'}: about {eager_s / 60:.1f} min of steps eager against "
-        f"{compiled_s / 60:.1f} min compiled, {cost:.0f} s of compiling included ({cache.describe()})",))
+        f"{compiled_s / 60:.1f} min compiled, {cost:.0f} s of compiling included; {cache.describe()}",))
 
 
 def plan_compile(plan: SpeedPlan, config, env, steps: int, epochs_done: int, val_images: int) -> SpeedPlan:

@@ -36,7 +36,7 @@ class CacheState:
     def describe(self) -> str:
         if self.state == "artifacts":
             return f"compile cache {self.folder}, filled from {self.source}"
-        return f"compile cache {self.folder} ({'empty' if self.state == 'cold' else 'holds compiled graphs'})"
+        return f"compile cache {self.folder} {'is empty' if self.state == 'cold' else 'holds compiled graphs'}"
 
 
 def resolve_cache_dir(flag: Optional[str], environ: Mapping[str, str] = os.environ) -> Path:
