@@ -287,13 +287,8 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
         log.warning(note)
     if env.is_main:
         skipped.report(output / "skipped_images.txt", log)
-    state = RunState(config.epochs)
-    if resume_ckpt is not None:
-        state = restore_training(resume_ckpt, parts, classes, env, config)
-        log.info("resumed from %s at epoch %d (best ACC1 %.2f %%)", config.resume, state.epoch, state.best_acc1)
-        if state.epoch >= config.epochs:
-            raise SystemExit(f"error: {config.resume} has already trained {state.epoch} epochs; pass --epochs "
-                             "larger than that to continue")
+    state = (RunState(config.epochs) if resume_ckpt is None
+             else restore_training(resume_ckpt, parts, classes, env, config, steps))
     if plan.compile:
         regions = compile_regions([parts.model] + ([parts.ema.module] if parts.ema else []), plan)
         log.info("compiling %d regions of the model%s in the first steps", len(regions),

@@ -10,7 +10,9 @@ low-memory kernels, compiled blocks) skip without CUDA.
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ import torch.distributed as dist
 
 import models
 from small_classifier import SMALL_KWARGS
+from test_train_test import TINY, _make_source
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -85,3 +88,30 @@ def test_gradients_have_their_parameters_layout_on_cuda(low_memory, compiled):
     train_step(model, "cuda")
     assert not layout_mismatches(model)
 
+
+
+# ----------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory) -> Path:
+    """data/{train,val}/<class>/: 8 train and 4 val images for each of 3 classes."""
+    source = _make_source(tmp_path_factory.mktemp("ddp-src") / "images")
+    data = tmp_path_factory.mktemp("ddp-data") / "data"
+    for cls in sorted(source.iterdir()):
+        files = sorted(cls.iterdir())
+        for part, chunk in (("train", files[:8]), ("val", files[8:12])):
+            (data / part / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                shutil.copy(f, data / part / cls.name / f.name)
+    return data
+
+
+def test_resume_with_another_batch_size_goes_on_by_epochs(train_script, tmp_path, split, capsys):
+    """3 steps an epoch at batch 8 (24 images), 6 at batch 4: the resumed run's schedule
+    starts from the end of epoch 1, step 6 (as with another number of processes)."""
+    out = tmp_path / "run"
+    train_script.main([str(a) for a in ("--data", split, "--output", out, "--epochs", "1", *TINY)])
+    train_script.main([str(a) for a in ("--resume", out, "--epochs", "2", "--batch-size", "4")])
+    assert ("took 3 steps per epoch, this run takes 6: the schedule continues from step 6, the end of epoch 1"
+            in capsys.readouterr().out)
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["global_step"] == 6 + 6
