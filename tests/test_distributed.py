@@ -10,7 +10,13 @@ low-memory kernels, compiled blocks) skip without CUDA.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,7 +26,8 @@ import torch.distributed as dist
 
 import models
 from small_classifier import SMALL_KWARGS
-from test_train_test import TINY, _make_source
+from test_train_test import REPO, TINY, _make_source, read_csv
+from utils.distributed import DistEnv, failures_named
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -115,3 +122,174 @@ def test_resume_with_another_batch_size_goes_on_by_epochs(train_script, tmp_path
     assert ("took 3 steps per epoch, this run takes 6: the schedule continues from step 6, the end of epoch 1"
             in capsys.readouterr().out)
     assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["global_step"] == 6 + 6
+
+
+# ----------------------------------------------------------------- failures under torchrun
+
+def torchrun_env(tmp_path, rank: int = 1) -> DistEnv:
+    return DistEnv(device=torch.device("cpu"), rank=rank, world_size=2, distributed=True,
+                   error_file=str(tmp_path / "error.json"))
+
+
+def recorded(tmp_path) -> str:
+    """What torchrun's summary would show for the rank (its error file's call stack)."""
+    return json.loads((tmp_path / "error.json").read_text())["message"]["extraInfo"]["py_callstack"]
+
+
+def test_a_one_line_error_names_the_rank_and_reaches_torchruns_summary(tmp_path):
+    with pytest.raises(SystemExit) as info, failures_named(torchrun_env(tmp_path)):
+        raise SystemExit("error: data/train has no class folders")
+    assert info.value.code == "error: rank 1 (of 2): data/train has no class folders" == recorded(tmp_path)
+
+
+def test_a_lost_connection_is_one_line(tmp_path):
+    gloo = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+            "[127.0.0.1]:393. This is typically caused by a remote worker crashing.")
+    with pytest.raises(SystemExit) as info, failures_named(torchrun_env(tmp_path, rank=0)):
+        raise RuntimeError(gloo)
+    assert info.value.code.startswith("error: rank 0 (of 2): lost contact with the other processes "
+                                      "(Connection closed by peer [127.0.0.1]:393); another rank stopped first")
+    assert recorded(tmp_path) == info.value.code
+
+
+def test_other_failures_keep_their_traceback_and_reach_torchruns_summary(tmp_path):
+    with pytest.raises(ZeroDivisionError), failures_named(torchrun_env(tmp_path)):
+        1 / 0
+    assert recorded(tmp_path).startswith("Traceback") and "ZeroDivisionError" in recorded(tmp_path)
+    with pytest.raises(SystemExit) as info, failures_named(torchrun_env(tmp_path)):
+        raise SystemExit(130)  # an exit code (Ctrl-C) is left as it is
+    assert info.value.code == 130
+
+
+def test_single_process_failures_are_left_alone(tmp_path):
+    env = DistEnv(device=torch.device("cpu"))
+    with pytest.raises(SystemExit) as info, failures_named(env):
+        raise SystemExit("error: no such folder")
+    assert info.value.code == "error: no such folder" and not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------- torchrun end to end (Gloo)
+# train.py runs through tests/ddp_probe.py, which saves each rank's weights after every
+# epoch, records each checkpoint written, and can make a rank fail (see its docstring).
+
+SHORT = [*TINY, "--batch-size", "4", "--max-val-batches", "1"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(launcher: list[str], args, probe: Path | None = None, fail: str | None = None) -> subprocess.Popen:
+    """``torchrun <launcher> tests/ddp_probe.py <args>`` (no launcher: one plain process)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DDP_PROBE_DIR=str(probe or ""), DDP_PROBE_FAIL=fail or "")
+    head = ["-m", "torch.distributed.run", *launcher] if launcher else []
+    return subprocess.Popen([sys.executable, *head, "tests/ddp_probe.py", *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: int = 180) -> tuple[int, str]:
+    try:
+        text = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail(f"no exit within {timeout} s (a rank waiting for another?)\n{proc.communicate()[0][-4000:]}")
+    return proc.returncode, text
+
+
+def weights(probe: Path, rank: int, epoch: int) -> dict:
+    return torch.load(probe / f"rank{rank}-epoch{epoch}.pt", map_location="cpu", weights_only=True)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the ranks' weights differ"
+
+
+@pytest.mark.slow
+def test_two_nodes_train_in_step_and_rank_0_alone_writes(tmp_path, split):
+    """Two torchrun "machines" on 127.0.0.1 (c10d rendezvous, one process each), data on the
+    device sharded by rank, EMA on: after a step both ranks hold the same weights and EMA,
+    which are last.pth's; only rank 0 wrote checkpoints."""
+    out, probe, port = tmp_path / "run", tmp_path / "probe", free_port()
+    probe.mkdir()
+    nodes = [start(["--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                    f"--rdzv_endpoint=127.0.0.1:{port}"],
+                   ["--data", split, "--output", out, "--epochs", "1", "--max-train-batches", "1",
+                    "--gpu-data", "on", *SHORT], probe) for k in (0, 1)]
+    for code, text in [finish(node) for node in nodes]:
+        assert code == 0, text[-4000:]
+    first, second = weights(probe, 0, 1), weights(probe, 1, 1)
+    for key in ("model", "ema"):
+        assert_same(first[key], second[key])
+    ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
+    assert_same(ckpt["model"], first["model"])
+    assert_same(ckpt["model_ema"], first["ema"])
+    assert sorted(line.split()[1] for line in (probe / "saves-rank0.txt").read_text().splitlines()) == \
+        ["best.pth", "last.pth"]
+    assert not (probe / "saves-rank1.txt").exists()
+    args = json.loads((out / "args.json").read_text())
+    assert args["run"]["world_size"] == 2 and args["run"]["data_path"].startswith("GPU-resident data")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_run_and_last_pth_stays(tmp_path, split):
+    """Rank 1 fails as epoch 2 begins while rank 0 waits for it in the gradient all-reduce:
+    the run ends without hanging, non-zero, torchrun's summary names rank 1 and its error,
+    and last.pth is epoch 1's, byte for byte."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    code, text = finish(start(["--standalone", "--nproc_per_node=2"],
+                              ["--data", split, "--output", out, "--epochs", "3", "--max-train-batches", "1",
+                               *SHORT], probe, fail="1:2"), timeout=120)
+    assert code != 0
+    root_cause = text.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, text[-4000:]
+    assert "InjectedFault: injected fault on rank 1 in epoch 2" in root_cause
+    saves = [line.split() for line in (probe / "saves-rank0.txt").read_text().splitlines()]
+    (epoch, digest), = [(int(e), sha) for e, name, sha in saves if name == "last.pth"]
+    assert epoch == 1 and hashlib.sha256((out / "last.pth").read_bytes()).hexdigest() == digest
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.slow
+def test_resume_with_another_number_of_processes(tmp_path, split):
+    """2 processes -> resumed with 1 -> resumed with 2: the schedule goes by epochs (3 steps
+    an epoch with two processes of 12 images each, 6 with one), and every run continues."""
+    out = tmp_path / "run"
+    two = ["--standalone", "--nproc_per_node=2"]
+    said = []
+    for launcher, extra, epochs in ((two, ["--data", split, "--output", out], 1), ([], ["--resume", out], 2),
+                                    (two, ["--resume", out], 3)):
+        code, text = finish(start(launcher, [*extra, "--epochs", epochs, *SHORT]))
+        assert code == 0, text[-4000:]
+        assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["epoch"] == epochs
+        said.append(text)
+    assert "took 3 steps per epoch, this run takes 6: the schedule continues from step 6, the end of epoch 1" \
+        in said[1]
+    assert "took 6 steps per epoch, this run takes 3: the schedule continues from step 6, the end of epoch 2" \
+        in said[2]
+    assert torch.load(out / "last.pth", map_location="cpu", weights_only=True)["global_step"] == 9
+    assert [row["epoch"] for row in read_csv(out / "metrics.csv")] == ["1", "2", "3"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_the_fast_path_under_torchrun_on_two_gpus(tmp_path, split):
+    """groupmamba_tiny with --compile --cuda-graph --gpu-data on and EMA on two GPUs (NCCL):
+    the compiled blocks run, CUDA graphs are off with the reason, no gradient-stride warning,
+    and after each epoch both ranks hold the same weights and EMA."""
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    code, text = finish(start(["--standalone", "--nproc_per_node=2"],
+                              ["--data", split, "--output", out, "--epochs", "2", "--model", "groupmamba_tiny",
+                               "--img-size", "64", "--batch-size", "4", "--max-val-batches", "1", "--device", "cuda",
+                               "--compile", "--cuda-graph", "--gpu-data", "on", "--workers", "0",
+                               "--stats", REPO / "tests" / "absent-stats.json"], probe), timeout=900)
+    assert code == 0, text[-4000:]
+    assert "--cuda-graph is off: under torchrun" in text and "compiled blocks" in text
+    assert "Grad strides do not match" not in text
+    for epoch in (1, 2):
+        first, second = weights(probe, 0, epoch), weights(probe, 1, epoch)
+        for key in ("model", "ema"):
+            assert_same(first[key], second[key])
