@@ -7,6 +7,8 @@ weights there (``rank<R>-epoch<E>.pt``), and each checkpoint it writes is record
 ``saves-rank<R>.txt`` (epoch, file name, sha256 of the bytes written).
 ``DDP_PROBE_FAIL=R:E``: rank R raises a RuntimeError as epoch E begins, while the other
 ranks wait for it in the epoch's first gradient all-reduce.
+``DDP_PROBE_COMPILE_BACKEND``: ``--compile`` compiles with this torch.compile backend
+(``aot_eager``: Dynamo and AOTAutograd as with inductor, without generating code).
 """
 import hashlib
 import os
@@ -17,12 +19,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import utils.accel  # noqa: E402
 import utils.checkpoint  # noqa: E402
 from subprocesses import load_script  # noqa: E402
 from utils.distributed import unwrap_model  # noqa: E402
 
 PROBE_DIR = Path(os.environ["DDP_PROBE_DIR"]) if os.environ.get("DDP_PROBE_DIR") else None
 FAIL = tuple(int(v) for v in os.environ["DDP_PROBE_FAIL"].split(":")) if os.environ.get("DDP_PROBE_FAIL") else None
+COMPILE_BACKEND = os.environ.get("DDP_PROBE_COMPILE_BACKEND")
 RANK = int(os.environ.get("RANK", "0"))
 
 
@@ -53,6 +57,9 @@ def main() -> None:
                 fh.write(f"{state['epoch']} {Path(path).name} {digest}\n")
         return written
 
+    if COMPILE_BACKEND:
+        real_compile_blocks = utils.accel.compile_blocks
+        utils.accel.compile_blocks = lambda model, **kw: real_compile_blocks(model, **kw, backend=COMPILE_BACKEND)
     # train.py's own name and the one save_best writes through
     train.train_one_epoch, train.save_checkpoint = train_one_epoch, save_checkpoint
     utils.checkpoint.save_checkpoint = save_checkpoint

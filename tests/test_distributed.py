@@ -181,9 +181,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(launcher: list[str], args, probe: Path | None = None, fail: str | None = None) -> subprocess.Popen:
+def start(launcher: list[str], args, probe: Path | None = None, fail: str = "",
+          compile_backend: str = "") -> subprocess.Popen:
     """``torchrun <launcher> tests/ddp_probe.py <args>`` (no launcher: one plain process)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DDP_PROBE_DIR=str(probe or ""), DDP_PROBE_FAIL=fail or "")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DDP_PROBE_DIR=str(probe or ""), DDP_PROBE_FAIL=fail,
+               DDP_PROBE_COMPILE_BACKEND=compile_backend)
     head = ["-m", "torch.distributed.run", *launcher] if launcher else []
     return subprocess.Popen([sys.executable, *head, "tests/ddp_probe.py", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -208,15 +210,16 @@ def assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_two_nodes_train_in_step_and_rank_0_alone_writes(tmp_path, split):
-    """Two torchrun "machines" on 127.0.0.1 (c10d rendezvous, one process each), data on the
-    device sharded by rank, EMA on: after a step both ranks hold the same weights and EMA,
-    which are last.pth's; only rank 0 wrote checkpoints."""
+    """Two torchrun "machines" on 127.0.0.1 (c10d rendezvous, one process each) on the fast
+    path: compiled blocks (Dynamo and AOTAutograd, without inductor's code generation on the
+    CPU), data on the device sharded by rank, EMA. After a step both ranks hold the same
+    weights and EMA, which are last.pth's; only rank 0 wrote checkpoints."""
     out, probe, port = tmp_path / "run", tmp_path / "probe", free_port()
     probe.mkdir()
     nodes = [start(["--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1", "--rdzv_backend=c10d",
                     f"--rdzv_endpoint=127.0.0.1:{port}"],
                    ["--data", split, "--output", out, "--epochs", "1", "--max-train-batches", "1",
-                    "--gpu-data", "on", *SHORT], probe) for k in (0, 1)]
+                    "--gpu-data", "on", "--compile", *SHORT], probe, compile_backend="aot_eager") for k in (0, 1)]
     for code, text in [finish(node) for node in nodes]:
         assert code == 0, text[-4000:]
     first, second = weights(probe, 0, 1), weights(probe, 1, 1)
@@ -228,8 +231,8 @@ def test_two_nodes_train_in_step_and_rank_0_alone_writes(tmp_path, split):
     assert sorted(line.split()[1] for line in (probe / "saves-rank0.txt").read_text().splitlines()) == \
         ["best.pth", "last.pth"]
     assert not (probe / "saves-rank1.txt").exists()
-    args = json.loads((out / "args.json").read_text())
-    assert args["run"]["world_size"] == 2 and args["run"]["data_path"].startswith("GPU-resident data")
+    run = json.loads((out / "args.json").read_text())["run"]
+    assert run["world_size"] == 2 and run["speed"]["compile"] and run["data_path"].startswith("GPU-resident data")
 
 
 @pytest.mark.slow
