@@ -3,7 +3,8 @@
     torchrun ... tests/ddp_probe.py <train.py arguments>
 
 ``DDP_PROBE_DIR``: after each training epoch every rank saves its model's and its EMA's
-weights there (``rank<R>-epoch<E>.pt``), and each checkpoint it writes is recorded in
+weights there (``rank<R>-epoch<E>.pt``, with the training images and labels of GPU-resident
+data), and each checkpoint it writes is recorded in
 ``saves-rank<R>.txt`` (epoch, file name, sha256 of the bytes written).
 ``DDP_PROBE_FAIL=R:E``: rank R raises a RuntimeError as epoch E begins, while the other
 ranks wait for it in the epoch's first gradient all-reduce.
@@ -44,8 +45,10 @@ def main() -> None:
             raise InjectedFault(f"injected fault on rank {RANK} in epoch {epoch}")
         metrics = real_train_one_epoch(model, loader, *args, **kwargs)
         if PROBE_DIR is not None:
-            ema = kwargs.get("ema")
-            torch.save({"model": unwrap_model(model).state_dict(), "ema": ema.module.state_dict() if ema else None},
+            ema, images = kwargs.get("ema"), getattr(loader, "images", None)  # images: GPU-resident data
+            torch.save({"model": unwrap_model(model).state_dict(), "ema": ema.module.state_dict() if ema else None,
+                        "images": None if images is None else images.cpu(),
+                        "labels": None if images is None else loader.labels.cpu()},
                        PROBE_DIR / f"rank{RANK}-epoch{epoch}.pt")
         return metrics
 

@@ -27,7 +27,9 @@ import torch.distributed as dist
 import models
 from small_classifier import SMALL_KWARGS
 from test_train_test import REPO, TINY, _make_source, read_csv
+from utils.datasets import load_train_val
 from utils.distributed import DistEnv, failures_named
+from utils.gpu_data import decode_images
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -212,8 +214,9 @@ def assert_same(a: dict, b: dict) -> None:
 def test_two_nodes_train_in_step_and_rank_0_alone_writes(tmp_path, split):
     """Two torchrun "machines" on 127.0.0.1 (c10d rendezvous, one process each) on the fast
     path: compiled blocks (Dynamo and AOTAutograd, without inductor's code generation on the
-    CPU), data on the device sharded by rank, EMA. After a step both ranks hold the same
-    weights and EMA, which are last.pth's; only rank 0 wrote checkpoints."""
+    CPU), data on the device (decoded half by each rank) sharded by rank, EMA. After a step
+    both ranks hold all the images and the same weights and EMA, which are last.pth's; only
+    rank 0 wrote checkpoints."""
     out, probe, port = tmp_path / "run", tmp_path / "probe", free_port()
     probe.mkdir()
     nodes = [start(["--nnodes=2", f"--node_rank={k}", "--nproc_per_node=1", "--rdzv_backend=c10d",
@@ -225,6 +228,11 @@ def test_two_nodes_train_in_step_and_rank_0_alone_writes(tmp_path, split):
     first, second = weights(probe, 0, 1), weights(probe, 1, 1)
     for key in ("model", "ema"):
         assert_same(first[key], second[key])
+    # each rank decoded half of the images: both hold all of them, as one process decodes them
+    train_split = load_train_val(split, "none")[0]
+    assert_same(dict(zip(("images", "labels"), decode_images(train_split.samples, 32, torch.device("cpu")))),
+                {key: first[key] for key in ("images", "labels")})
+    assert_same({key: first[key] for key in ("images", "labels")}, {key: second[key] for key in ("images", "labels")})
     ckpt = torch.load(out / "last.pth", map_location="cpu", weights_only=True)
     assert_same(ckpt["model"], first["model"])
     assert_same(ckpt["model_ema"], first["ema"])
