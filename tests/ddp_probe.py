@@ -40,7 +40,7 @@ def main() -> None:
     real_train_one_epoch, real_save = train.train_one_epoch, train.save_checkpoint
 
     def train_one_epoch(model, loader, *args, **kwargs):
-        epoch = args[5]
+        epoch = args[5]  # after (criterion, optimizer, scheduler, precision, env), as train.py calls it
         if FAIL == (RANK, epoch):
             raise InjectedFault(f"injected fault on rank {RANK} in epoch {epoch}")
         metrics = real_train_one_epoch(model, loader, *args, **kwargs)

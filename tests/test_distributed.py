@@ -1,11 +1,15 @@
-"""DistributedDataParallel: gradients in their parameters' layouts (no "Grad strides do not
-match bucket view strides" warning), and the helpers of utils/distributed.py.
+"""DistributedDataParallel on the fast path, on the CPU with Gloo (GPU variants skip
+without CUDA).
 
-The depth-wise convs' weight gradients come back channels-last; DDP compares every
-gradient's strides with its bucket view's (the parameter's) and warns once per process
-when they differ. The check here is the condition itself, on every parameter, plus one
-DDP step in this process (Gloo, one rank) that must not warn. GPU variants (the fused
-low-memory kernels, compiled blocks) skip without CUDA.
+- Gradients in their parameters' layouts: the depth-wise convs' weight gradients come
+  back channels-last, and DDP compares every gradient's strides with its bucket view's
+  (the parameter's), warning once per process ("Grad strides do not match bucket view
+  strides") when they differ. Checked on every parameter, and in one DDP step here.
+- --resume with another number of steps per epoch continues the schedule by epochs.
+- utils.distributed.failures_named: how a failing rank names itself.
+- torchrun end to end (slow): two "machines" on 127.0.0.1 in step, a failing rank that
+  ends the run with last.pth intact, resuming with 2 -> 1 -> 2 processes, and on two GPUs
+  the compiled, GPU-resident path.
 """
 from __future__ import annotations
 
@@ -96,7 +100,6 @@ def test_gradients_have_their_parameters_layout_on_cuda(low_memory, compiled):
         compile_blocks(model, dynamic=False)
     train_step(model, "cuda")
     assert not layout_mismatches(model)
-
 
 
 # ----------------------------------------------------------------- end to end

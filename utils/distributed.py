@@ -22,8 +22,8 @@ Waiting on other ranks, and how long:
   default process group with :data:`COLLECTIVE_TIMEOUT`: there the ranks move in step,
   so a long wait means a rank died or hangs;
 * waits for rank 0 alone (the image check of a large data set, checkpoint writes,
-  settings it decides for all) run on a Gloo group of their own with
-  :data:`MAIN_WAIT_TIMEOUT`, and send their values through host memory.
+  settings it decides for all) run on a second group of the same backend with
+  :data:`MAIN_WAIT_TIMEOUT` (the same backend: no other network setup to get right).
 
 A rank that fails ends the whole run: torchrun stops the others (on other machines they
 fail at once on the broken connection, at the latest after a timeout). Its last words
@@ -67,7 +67,7 @@ class DistEnv:
     local_rank: int = 0
     distributed: bool = False   # started by torchrun with WORLD_SIZE > 1
     data_parallel: bool = False  # one process driving several GPUs
-    main_group: Any = None  # the Gloo group of the waits for rank 0 (None: the default group)
+    main_group: Any = None  # the group of the waits for rank 0 (None: the default group)
     error_file: Optional[str] = None  # where torchrun reads this process's failure
 
     @property
@@ -119,7 +119,7 @@ def setup_distributed(device_name: str = "auto", allow_data_parallel: bool = Tru
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
                                     **({"device_id": device} if backend == "nccl" else {}))
         return DistEnv(device=device, rank=rank, world_size=world_size, local_rank=local_rank, distributed=True,
-                       main_group=dist.new_group(backend="gloo", timeout=MAIN_WAIT_TIMEOUT),
+                       main_group=dist.new_group(timeout=MAIN_WAIT_TIMEOUT),
                        error_file=os.environ.get("TORCHELASTIC_ERROR_FILE"))
     device = resolve_device(device_name)
     data_parallel = (allow_data_parallel and device.type == "cuda"
@@ -198,7 +198,8 @@ def run_on_main(fn: Callable[[], Any], env: DistEnv,
 def barrier(env: DistEnv) -> None:
     """Wait for every rank (rank 0 may be writing files: the long timeout)."""
     if env.distributed:
-        dist.barrier(group=env.main_group)
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        dist.barrier(group=env.main_group, device_ids=ids)
 
 
 def lost_contact(exc: BaseException) -> bool:
