@@ -38,7 +38,7 @@ from utils.datasets import DatasetError, SkippedImages, load_train_val  # noqa: 
 from utils.distillation import (DistillationLoss, check_teacher, resolve_teacher_source,  # noqa: E402
                                 setup_teacher)
 from utils.distributed import (DistEnv, barrier, broadcast_object, cleanup_distributed,  # noqa: E402
-                               run_on_main, setup_distributed, unwrap_model, wrap_model)
+                               failures_named, run_on_main, setup_distributed, unwrap_model, wrap_model)
 from utils.ema import ModelEma  # noqa: E402
 from utils.engine import NonFiniteLossError, heads_loss, predict_batches, train_one_epoch, validate  # noqa: E402
 from utils.errors import exit_if_known, setup_logging  # noqa: E402
@@ -130,7 +130,9 @@ def run_epoch(config, parts: Parts, model, loaders, runners, env: DistEnv, state
                        f"epoch {state.epoch + 1} val{' EMA' if name == 'ema' else ''}", static_batch)
               for name, runner in runners.items()]
     state.epoch, state.global_step = state.epoch + 1, tr["global_step"]
-    source, acc1 = max([("model", va["acc1"])] + ([("ema", ev["acc1"])] if ev else []), key=lambda kv: kv[1])
+    # rank 0's figures choose the best epoch for every rank
+    source, acc1 = broadcast_object(max([("model", va["acc1"])] + ([("ema", ev["acc1"])] if ev else []),
+                                        key=lambda kv: kv[1]), env)
     if acc1 > state.best_acc1:
         state.best_acc1, state.best_epoch, state.best_source = acc1, state.epoch, source
     ema = {f"ema_val_{k}": ev[k] if ev else None for k in ("loss", "acc1", "acc5")}
@@ -182,7 +184,7 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                     else "no checkpoint was written")
             log.error("error: %s; %s", exc, kept)
             raise SystemExit(1) from exc
-        row["elapsed_s"] = elapsed_before + time.perf_counter() - run_start
+        row["elapsed_s"] = broadcast_object(elapsed_before + time.perf_counter() - run_start, env)  # rank 0's clock
         state.history.append({k: row[k] for k in METRIC_FIELDS})
         if config.fit_time_limit:  # rank 0 decides for all
             fitted = broadcast_object(epochs_within_limit(state.history, config.time_limit), env)
@@ -278,13 +280,8 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
         log.warning(note)
     if env.is_main:
         skipped.report(output / "skipped_images.txt", log)
-    state = RunState(config.epochs)
-    if resume_ckpt is not None:
-        state = restore_training(resume_ckpt, parts, classes, env, config)
-        log.info("resumed from %s at epoch %d (best ACC1 %.2f %%)", config.resume, state.epoch, state.best_acc1)
-        if state.epoch >= config.epochs:
-            raise SystemExit(f"error: {config.resume} has already trained {state.epoch} epochs; pass --epochs "
-                             "larger than that to continue")
+    state = (RunState(config.epochs) if resume_ckpt is None
+             else restore_training(resume_ckpt, parts, classes, env, config, steps))
     if plan.compile:
         regions = compile_regions([parts.model] + ([parts.ema.module] if parts.ema else []), plan)
         log.info("compiling %d regions of the model%s in the first steps", len(regions),
@@ -322,19 +319,20 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
 def main(argv=None) -> None:
     config, resume_ckpt = parse_config(argv)
     env = setup_distributed(config.device)
-    try:
-        with stop_on_sigint():  # a second Ctrl-C exits at once
-            run(config, resume_ckpt, env)
-    except Exception as exc:
-        exit_if_known(exc, known=(DatasetError, CheckpointError, ModelConfigError), memory_hint=memory_hint(config))
-        raise
-    except KeyboardInterrupt:
-        print("interrupted; the checkpoints written so far are intact (a run with a last.pth continues "
-              "with --resume <output>/last.pth)", file=sys.stderr, flush=True)
-        raise SystemExit(INTERRUPTED_EXIT_CODE) from None
-    finally:
-        release_run_lock()  # rank 0's, however the run ended
-        cleanup_distributed(env)
+    with failures_named(env):  # under torchrun: which rank failed, here and in torchrun's summary
+        try:
+            with stop_on_sigint():  # a second Ctrl-C exits at once
+                run(config, resume_ckpt, env)
+        except Exception as exc:
+            exit_if_known(exc, known=(DatasetError, CheckpointError, ModelConfigError), memory_hint=memory_hint(config))
+            raise
+        except KeyboardInterrupt:
+            print("interrupted; the checkpoints written so far are intact (a run with a last.pth continues "
+                  "with --resume <output>/last.pth)", file=sys.stderr, flush=True)
+            raise SystemExit(INTERRUPTED_EXIT_CODE) from None
+        finally:
+            release_run_lock()  # rank 0's, however the run ended
+            cleanup_distributed(env)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from kernels import depthwise_conv
 from ._helpers import apply_pretrained_cfg, checkpoint_cfg, filter_state_dict
 from ._helpers import load_pretrained as load_checkpoint_weights
 from .csms6s import SCAN_DIRECTIONS
-from .ss2d import SS2D, can_batch, grouped_ss2d
+from .ss2d import SS2D, can_batch, channels_last_weight, grouped_ss2d
 
 __all__ = ["GroupMamba", "GroupMambaLayer", "PretrainedWeightsError", "StochasticDepth", "checkpoint_filter_fn"]
 
@@ -56,7 +56,7 @@ class DWConv(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = channels_last_weight(nn.Conv2d(dim, dim, 3, 1, 1, groups=dim))
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, _, channels = x.shape

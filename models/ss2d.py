@@ -25,7 +25,22 @@ from kernels import depthwise_conv, grid_scan
 
 from .csms6s import check_direction, from_sequence, selective_scan, to_sequence
 
-__all__ = ["SS2D", "can_batch", "grouped_ss2d"]
+__all__ = ["SS2D", "can_batch", "channels_last_weight", "grouped_ss2d"]
+
+
+def channels_last_weight(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` with its weight stored channels-last, the layout of its weight gradient.
+
+    The depth-wise convs run on channels-last maps, and a conv's weight gradient takes
+    its input's layout. For a ``(C, 1, k, k)`` weight both layouts are the same memory
+    and differ only in the stride of the size-1 dimension, so autograd keeps the
+    gradient as it comes; a weight stored the other way then has a gradient whose
+    strides differ from its own, which DistributedDataParallel reports ("Grad strides
+    do not match bucket view strides"). ``.to``, ``load_state_dict`` and copies keep
+    the layout.
+    """
+    conv.weight = nn.Parameter(conv.weight.detach().to(memory_format=torch.channels_last))
+    return conv
 
 
 def _init_dt_projection(weight: torch.Tensor, bias: torch.Tensor, dt_rank: int, dt_scale: float,
@@ -83,8 +98,8 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(d_inner)
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
         self.act = nn.SiLU()
-        self.conv2d = nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2, groups=d_inner,
-                                bias=conv_bias) if d_conv > 1 else None
+        self.conv2d = channels_last_weight(nn.Conv2d(d_inner, d_inner, d_conv, padding=(d_conv - 1) // 2,
+                                                     groups=d_inner, bias=conv_bias)) if d_conv > 1 else None
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
         self._init_ssm_parameters(dt_scale, dt_min, dt_max, dt_init_floor)
 

@@ -91,9 +91,14 @@ w, b = torch.randn(6, 1, 3, 3), torch.randn(6)
 lw, lb = torch.randn(3, 6), torch.randn(3)
 torch.library.opcheck(torch.ops.groupmamba_dwconv.conv3x3_act_linear.default,
                       (x.requires_grad_(), w.requires_grad_(), b, "gelu", lw.requires_grad_(), lb))
-# the backward op's fake kernel promises contiguous gradients: the real one must deliver them
-torch.library.opcheck(torch.ops.groupmamba_dwconv.conv3x3_act_linear_backward.default,
-                      (torch.randn(2, 4, 5, 3), x.detach(), w.detach(), b, "silu", lw.detach(), lb))
+# the backward op's fake kernel promises gradients in their parameters' layouts: the real
+# one must deliver them, also for a channels-last conv weight (the model stores them so)
+for weight in (w, w.to(memory_format=torch.channels_last)):
+    torch.library.opcheck(torch.ops.groupmamba_dwconv.conv3x3_act_linear_backward.default,
+                          (torch.randn(2, 4, 5, 3), x.detach(), weight.detach(), b, "silu", lw.detach(), lb))
+    weight = weight.detach().clone().requires_grad_()
+    depthwise_conv.conv3x3_act_linear(x.detach(), weight, b, "gelu", lw, lb).sum().backward()
+    assert weight.grad.stride() == weight.stride(), (weight.grad.stride(), weight.stride())
 print("WORST", worst)
 assert worst < 1e-5, worst
 """

@@ -61,7 +61,13 @@ def cuda_graph_problem(device: torch.device, distributed: bool, data_parallel: b
     """Why CUDA-graph capture of train.py's steps cannot be used in this setup, or None."""
     if device.type != "cuda":
         return "it needs a CUDA device"
-    if distributed or data_parallel:
+    if distributed:
+        # DDP all-reduces the gradients from hooks inside the backward, so the graph would
+        # hold NCCL collectives: capturing those needs NCCL's asynchronous error handling
+        # off, and a replay has no timeout of its own
+        return ("under torchrun the step's gradient all-reduce would be captured too, which needs NCCL's error "
+                "handling off: a rank that failed would leave the others hanging (the compiled blocks still run)")
+    if data_parallel:
         return "it runs in a single process on one GPU only"
     if grad_scaling:
         return "fp16's GradScaler synchronises with the host every step (use --amp bf16)"

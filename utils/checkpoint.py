@@ -217,29 +217,42 @@ class RunState:
     history: list = field(default_factory=list)
 
 
-def restore_training(ckpt: dict, parts, classes: list[str], env, config) -> RunState:
+def restore_training(ckpt: dict, parts, classes: list[str], env, config, steps_per_epoch: int) -> RunState:
     """Load a last.pth into train.py's training objects (``parts``: model, ema, optimizer,
     scheduler, precision); returns where the run stood. The learning-rate schedule is a
     function of the step count and the arguments (utils/optim.py), so it is set from
-    ``global_step`` rather than read back: more ``--epochs`` stretch it, a new ``--lr`` counts."""
+    ``global_step`` rather than read back: more ``--epochs`` stretch it, a new ``--lr`` counts.
+    It goes by epochs: with another number of steps per epoch (another number of processes
+    or ``--batch-size``) the run continues from the end of the checkpoint's epoch."""
+    log = logging.getLogger("train")
+    epoch, global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
+    if epoch >= config.epochs:
+        raise SystemExit(f"error: {config.resume} has already trained {epoch} epochs; pass --epochs "
+                         "larger than that to continue")
     if ckpt["class_names"] != classes:
         raise CheckpointError(f"the data's classes {classes} differ from the checkpoint's {ckpt['class_names']}")
     parts.model.load_state_dict(ckpt["model"])
     if parts.ema is not None and ckpt.get("model_ema") is not None:
         parts.ema.module.load_state_dict(ckpt["model_ema"])
     elif parts.ema is not None:
-        logging.getLogger("train").warning("checkpoint has no EMA weights: EMA restarts from the model's")
+        log.warning("checkpoint has no EMA weights: EMA restarts from the model's")
     parts.optimizer.load_state_dict(ckpt["optimizer"])
-    parts.scheduler.step_update(int(ckpt["global_step"]))  # the rate of the next step
+    if global_step != epoch * steps_per_epoch:
+        log.info("%s took %.4g steps per epoch, this run takes %d: the schedule continues from step %d, the end "
+                 "of epoch %d", config.resume, global_step / max(epoch, 1), steps_per_epoch,
+                 epoch * steps_per_epoch, epoch)
+        global_step = epoch * steps_per_epoch
+    parts.scheduler.step_update(global_step)  # the rate of the next step
     if ckpt.get("scaler"):
         parts.precision.scaler.load_state_dict(ckpt["scaler"])
     if env.world_size == 1:
-        set_rng_state(ckpt.get("rng"))
+        set_rng_state(ckpt.get("rng"))  # rank 0's state, when the checkpoint's run had several processes
     else:  # one saved state cannot serve every rank: re-seed per rank and epoch
-        seed_everything(config.seed + 1000 * int(ckpt["epoch"]), env.rank)
-    return RunState(config.epochs, int(ckpt["epoch"]), int(ckpt["global_step"]), float(ckpt["best_acc1"]),
-                    int(ckpt.get("best_epoch") or 0), ckpt.get("best_source") or "model",
-                    list(ckpt.get("history") or []))
+        seed_everything(config.seed + 1000 * epoch, env.rank)
+    state = RunState(config.epochs, epoch, global_step, float(ckpt["best_acc1"]), int(ckpt.get("best_epoch") or 0),
+                     ckpt.get("best_source") or "model", list(ckpt.get("history") or []))
+    log.info("resumed from %s at epoch %d (best ACC1 %.2f %%)", config.resume, state.epoch, state.best_acc1)
+    return state
 
 
 def run_description(model: torch.nn.Module, img_size: int, class_names: list[str], mean, std) -> dict:

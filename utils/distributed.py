@@ -13,20 +13,48 @@ How train.py runs on several devices:
   0 prints, shows progress bars and writes files; metrics are summed over all ranks.
 
 ``setup_distributed`` reads the variables torchrun sets (RANK, WORLD_SIZE,
-LOCAL_RANK) and returns a ``DistEnv``; everything else here takes that object.
+LOCAL_RANK, TORCHELASTIC_ERROR_FILE) and returns a ``DistEnv``; everything else here
+takes that object.
+
+Waiting on other ranks, and how long:
+
+* the training collectives (DDP's gradient all-reduce, the summed metrics) run on the
+  default process group with :data:`COLLECTIVE_TIMEOUT`: there the ranks move in step,
+  so a long wait means a rank died or hangs;
+* waits for rank 0 alone (the image check of a large data set, checkpoint writes,
+  settings it decides for all) run on a second group of the same backend with
+  :data:`MAIN_WAIT_TIMEOUT` (the same backend: no other network setup to get right).
+
+A rank that fails ends the whole run: torchrun stops the others (on other machines they
+fail at once on the broken connection, at the latest after a timeout). Its last words
+name it (:func:`failures_named`): the one-line error says ``rank R``, a rank that lost
+contact says so instead of printing a traceback, and the failure goes into torchrun's
+error file, so torchrun's summary shows what failed beside the rank.
 """
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import time
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from utils.errors import failure_message
+from utils.images import atomic_write_text
+
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=10)  # NCCL's own default, now for Gloo too
+MAIN_WAIT_TIMEOUT = datetime.timedelta(hours=2)
+# what a collective raises on a rank whose peer has gone (Gloo's and NCCL's wordings)
+_LOST_CONTACT = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+                 "remote process exit", "ncclRemoteError")
 
 
 @dataclass
@@ -39,6 +67,8 @@ class DistEnv:
     local_rank: int = 0
     distributed: bool = False   # started by torchrun with WORLD_SIZE > 1
     data_parallel: bool = False  # one process driving several GPUs
+    main_group: Any = None  # the group of the waits for rank 0 (None: the default group)
+    error_file: Optional[str] = None  # where torchrun reads this process's failure
 
     @property
     def is_main(self) -> bool:
@@ -86,10 +116,11 @@ def setup_distributed(device_name: str = "auto", allow_data_parallel: bool = Tru
             torch.cuda.set_device(device)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT,
                                     **({"device_id": device} if backend == "nccl" else {}))
-        return DistEnv(device=device, rank=rank, world_size=world_size,
-                       local_rank=local_rank, distributed=True)
+        return DistEnv(device=device, rank=rank, world_size=world_size, local_rank=local_rank, distributed=True,
+                       main_group=dist.new_group(timeout=MAIN_WAIT_TIMEOUT),
+                       error_file=os.environ.get("TORCHELASTIC_ERROR_FILE"))
     device = resolve_device(device_name)
     data_parallel = (allow_data_parallel and device.type == "cuda"
                      and torch.cuda.device_count() > 1)
@@ -133,11 +164,12 @@ def all_reduce_sums(values: Sequence[float], env: DistEnv) -> list[float]:
 
 
 def broadcast_object(obj: Any, env: DistEnv) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` on every rank (also what every rank must decide alike: the best
+    epoch, whether to stop)."""
     if not env.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=env.main_group)
     return box[0]
 
 
@@ -164,11 +196,65 @@ def run_on_main(fn: Callable[[], Any], env: DistEnv,
 
 
 def barrier(env: DistEnv) -> None:
+    """Wait for every rank (rank 0 may be writing files: the long timeout)."""
     if env.distributed:
-        if env.device.type == "cuda":
-            dist.barrier(device_ids=[env.device.index])
-        else:
-            dist.barrier()
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        dist.barrier(group=env.main_group, device_ids=ids)
+
+
+def lost_contact(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another process of the run has gone."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _LOST_CONTACT)
+
+
+def record_failure(env: DistEnv, message: str) -> None:
+    """``message`` (a line or a traceback) in torchrun's error file, whose summary then
+    shows it for this rank (the file's format is torch.distributed.elastic's)."""
+    if not env.error_file:
+        return
+    entry = {"message": message.strip().splitlines()[-1],
+             "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+    try:
+        atomic_write_text(env.error_file, json.dumps({"message": entry}))
+    except OSError:  # the summary then has no message; the rank's own output still does
+        pass
+
+
+@contextmanager
+def failures_named(env: DistEnv) -> Iterator[None]:
+    """Under torchrun, the way a rank fails says which rank it is (see the module's docstring):
+    a one-line error (``SystemExit`` with a message) gets ``rank R`` and goes to torchrun's
+    error file, a lost connection becomes one line, anything else keeps its traceback and
+    goes to the error file as it is."""
+    if not env.distributed:
+        yield
+        return
+    try:
+        yield
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):
+            raise
+        raise _named_exit(env, exc.code.removeprefix("error: ")) from None
+    except Exception as exc:
+        if lost_contact(exc):
+            raise _named_exit(env, f"lost contact with the other processes ({_first_sentence(exc)}); another rank "
+                                   "stopped first: its error, or torchrun's summary on its machine, says why") from None
+        record_failure(env, traceback.format_exc())
+        raise
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """The gist of a backend's message: its first sentence, without a ``[source:line]`` prefix."""
+    text = str(exc).strip().splitlines()[0]
+    if text.startswith("[") and "] " in text:
+        text = text.split("] ", 1)[1]
+    return text.split(". ", 1)[0]
+
+
+def _named_exit(env: DistEnv, message: str) -> SystemExit:
+    line = f"error: rank {env.rank} (of {env.world_size}): {message}"
+    record_failure(env, line)
+    return SystemExit(line)
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -2,7 +2,8 @@
 
 Every image is decoded once (``utils.images.open_rgb``), resized to ``img_size`` x
 ``img_size`` with the same ``Resize`` as the DataLoader path, and kept as one uint8
-tensor ``(N, 3, H, W)`` on the device. Batches are then augmented on the device, in
+tensor ``(N, 3, H, W)`` on the device. Under torchrun each rank decodes a share of the images and
+an all-gather gives every rank all of them (``decode_split``). Batches are then augmented on the device, in
 batches, with the DataLoader path's recipe (``utils.transforms.train_transform``):
 random horizontal/vertical flips and transposes per sample, scaling to 0..1 and
 normalisation, then Cutout matching torchvision's ``RandomErasing(p, scale=(0.02,
@@ -38,10 +39,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision import transforms as T
 
 from utils.datasets import DatasetError, SkippedImages
+from utils.distributed import all_reduce_sums
 from utils.images import ImageReadError, open_rgb
 from utils.transforms import check_augment
 
@@ -102,6 +105,46 @@ def decode_images(samples: Sequence[tuple[str, int]], img_size: int, device: tor
         pixels[i], labels[i] = pixels[j], labels[j]
     images = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(labels, dtype=torch.long).to(device)
+
+
+def decode_split(samples: Sequence[tuple[str, int]], img_size: int, env, threads: int = 4,
+                 skipped: Optional[SkippedImages] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_images` with the work shared by the ranks under torchrun: each decodes
+    a contiguous share, and an all-gather gives every rank every image (each keeps the
+    whole split, as every epoch deals the training images out afresh). An unreadable
+    image is replaced within its share; the images each rank skipped are reported to
+    rank 0's ``skipped``. ``env``: a ``utils.distributed.DistEnv``."""
+    if not env.distributed:
+        return decode_images(samples, img_size, env.device, threads, skipped)
+    per = math.ceil(len(samples) / env.world_size)
+    share = samples[env.rank * per:(env.rank + 1) * per]
+    images = torch.zeros((per, 3, img_size, img_size), dtype=torch.uint8, device=env.device)
+    labels = torch.zeros(per, dtype=torch.long, device=env.device)
+    unreadable = 0.0
+    try:
+        decoded = decode_images(share, img_size, env.device, threads, skipped)
+        images[:len(share)], labels[:len(share)] = decoded
+    except DatasetError:  # all of this share: every rank stops, below
+        unreadable = 1.0
+    found = dict(skipped.found) if skipped is not None else {}
+    if all_reduce_sums([unreadable], env)[0]:
+        raise DatasetError(f"one process's share of this split ({per} of its {len(samples)} images) has no "
+                           "readable image; check the image files (--check-images full lists them)")
+    all_images = torch.empty((per * env.world_size, *images.shape[1:]), dtype=images.dtype, device=env.device)
+    all_labels = torch.empty(per * env.world_size, dtype=labels.dtype, device=env.device)
+    dist.all_gather(list(all_images.split(per)), images)
+    dist.all_gather(list(all_labels.split(per)), labels)
+    _gather_skipped(found, skipped, env)
+    return all_images[:len(samples)], all_labels[:len(samples)]
+
+
+def _gather_skipped(found: dict, skipped: Optional[SkippedImages], env) -> None:
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, found, group=env.main_group)
+    if skipped is not None:
+        for entries in everyone:
+            for path, reason in entries.items():
+                skipped.found.setdefault(path, reason)
 
 
 def shard_indices(n: int, epoch: int, seed: int, rank: int = 0,
@@ -328,8 +371,8 @@ def build_gpu_loaders(args, train_split, val_split, mean, std, env, val_order,
                       val_batch_size: int, skipped: Optional[SkippedImages] = None):
     """Train and val GpuLoaders on ``env.device`` (decodes every image once)."""
     threads = max(2, args.workers)
-    tx, ty = decode_images(train_split.samples, args.img_size, env.device, threads, skipped)
-    vx, vy = decode_images(val_split.samples, args.img_size, env.device, threads, skipped)
+    tx, ty = decode_split(train_split.samples, args.img_size, env, threads, skipped)
+    vx, vy = decode_split(val_split.samples, args.img_size, env, threads, skipped)
     train = GpuLoader(tx, ty, args.batch_size, mean, std, train=True, seed=args.seed,
                       rank=env.rank, world_size=env.world_size, hflip=args.hflip,
                       vflip=args.vflip, cutout=args.cutout, **augment_args(args))

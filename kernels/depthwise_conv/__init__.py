@@ -51,10 +51,12 @@ def _linear(h: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torc
 
 
 def _empty_like_param(t: Optional[torch.Tensor], ref: torch.Tensor) -> torch.Tensor:
-    # custom ops cannot return None: an empty float32 tensor stands for "no gradient"
+    # custom ops cannot return None: an empty float32 tensor stands for "no gradient";
+    # a gradient has its parameter's layout (a channels-last conv weight's too), as
+    # autograd and DistributedDataParallel's gradient buckets expect
     if t is None:
         return torch.empty((0,), dtype=torch.float32, device=ref.device)
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return torch.empty_like(t)
 
 
 @torch.library.custom_op(_OP, mutates_args=())
@@ -90,7 +92,7 @@ def _fused_backward(dout: torch.Tensor, x: torch.Tensor, conv_weight: torch.Tens
             dlinear_bias = flat_dout.sum(0, dtype=torch.float32).to(linear_bias.dtype)
     dx, dconv_weight, dconv_bias = kernels.dwconv_bwd_input_weight(g, x, conv_weight)
     dconv_bias = dconv_bias.to(conv_bias.dtype) if conv_bias is not None else _empty_like_param(None, x)
-    return dx, dconv_weight.to(conv_weight.dtype), dconv_bias, dlinear_weight, dlinear_bias
+    return dx, _empty_like_param(conv_weight, x).copy_(dconv_weight), dconv_bias, dlinear_weight, dlinear_bias
 
 
 @_fused_backward.register_fake
