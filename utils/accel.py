@@ -132,14 +132,19 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
 
 
 # What compiling costs and saves for a GroupMamba (bench/RESULTS.md): seconds spent
-# compiling the training and validation graphs by the state of the compile cache, and
-# training seconds per image of groupmamba_tiny at 192 px, batch 64, bf16, keyed by
-# (compiled, CUDA graph); measured on one H100, scaled by pixels and model size.
-COMPILE_SECONDS = {"cold": 150.0, "warm": 20.0, "artifacts": 35.0}
-SECONDS_PER_IMAGE_192 = {(False, False): 1 / 650, (False, True): 1 / 650, (True, False): 1 / 1300,
-                         (True, True): 1 / 1750}
+# compiling groupmamba_tiny's training and validation graphs on an H100, by the state of
+# the compile cache (2026-12-07: 106 + 47 s cold, 14 + 5 s warm, 25 + 10 s from
+# artifacts), and its training seconds per image at 224 px, batch 128, bf16, keyed by
+# (compiled, CUDA graph): 592 img/s eager and 1,583 compiled with a CUDA graph on an H100
+# (2026-12-06); a CUDA graph added 5 % to eager code and compiled code without one ran
+# at about 700 img/s (H200, 2026-11-28). Other sizes and models are scaled by pixels and
+# by MODEL_COST; a slower GPU saves more per image, so the estimate errs towards eager.
+COMPILE_SECONDS = {"cold": 153.0, "warm": 19.0, "artifacts": 34.0}
+SECONDS_PER_IMAGE_224 = {(False, False): 1 / 592, (False, True): 1 / 620, (True, False): 1 / 700,
+                         (True, True): 1 / 1583}
+# training time per image against tiny's (H200: 1,805 / 1,398 / 897 img/s, 2026-11-29)
 MODEL_COST = {"groupmamba_tiny": 1.0, "groupmamba_small": 1.29, "groupmamba_base": 2.01}
-VALIDATION_COST = 0.3  # a validation image costs about this much of a training image
+VALIDATION_COST = 0.3  # an inference image against a training one (H100: 5,462 against 1,583 img/s)
 
 
 def compile_estimate(plan: SpeedPlan, model_name: str, img_size: int, images: float,
@@ -147,9 +152,9 @@ def compile_estimate(plan: SpeedPlan, model_name: str, img_size: int, images: fl
     """``(eager seconds, compiled seconds, compile seconds)`` of a run that trains
     ``images`` (validation included as training-image equivalents); under a time limit,
     the images are those eager training would finish in it."""
-    scale = MODEL_COST.get(model_name, max(MODEL_COST.values())) * (img_size / 192) ** 2
-    eager = SECONDS_PER_IMAGE_192[(False, plan.cuda_graph)] * scale
-    compiled = SECONDS_PER_IMAGE_192[(True, plan.cuda_graph)] * scale
+    scale = MODEL_COST.get(model_name, max(MODEL_COST.values())) * (img_size / 224) ** 2
+    eager = SECONDS_PER_IMAGE_224[(False, plan.cuda_graph)] * scale
+    compiled = SECONDS_PER_IMAGE_224[(True, plan.cuda_graph)] * scale
     if time_limit is not None:
         images = min(images, time_limit / eager)
     cost = COMPILE_SECONDS[cache_state]
