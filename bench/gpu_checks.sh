@@ -14,7 +14,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
-TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py tests/test_scan_ops.py tests/test_triton_compile.py tests/test_distributed.py::test_gradients_have_their_parameters_layout_on_cuda tests/test_distributed.py::test_the_fast_path_under_torchrun_on_two_gpus}
+TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py tests/test_scan_ops.py tests/test_triton_compile.py tests/test_distributed.py::test_gradients_have_their_parameters_layout_on_cuda tests/test_distributed.py::test_the_fast_path_under_torchrun_on_two_gpus tests/test_compile_plan.py}
 BENCH=${BENCH:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1

@@ -13,6 +13,7 @@ import torch
 from utils import compile_cache
 from utils.accel import COMPILE_SECONDS, compile_estimate, decide_compile, plan_speed
 from utils.compile_cache import CacheState, cache_is_warm, prepare_compile_cache, resolve_cache_dir
+from tests.test_train_test import source, split  # noqa: F401
 from utils.distributed import DistEnv
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -139,3 +140,28 @@ def test_artifacts_saved_by_one_run_fill_an_empty_cache_for_the_next(tmp_path):
     second = child(tmp_path / "cache_b", run / "last.pth", tmp_path)
     assert second[0] == "artifacts"
     assert cache_is_warm(tmp_path / "cache_b")
+
+
+GPU_RUN = ["--model", "groupmamba_tiny", "--img-size", "64", "--batch-size", "8", "--workers", "0",
+           "--device", "cuda", "--stats", str(REPO / "tests" / "absent-stats.json"), "--max-train-batches", "4",
+           "--max-val-batches", "2", "--check-images", "none"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_default_gpu_run_takes_the_fast_path_and_keeps_its_compile_cache(train_script, tmp_path, split):
+    """On a GPU a short run stays eager with CUDA graphs; a compiled one leaves its
+    portable cache artifacts, and a run resumed from its folder loads them."""
+    cache = tmp_path / "cache"
+    short = tmp_path / "short"
+    train_script.main([str(a) for a in ["--data", split, "--epochs", "1", *GPU_RUN, "--output", short,
+                                        "--compile-cache", cache]])
+    log = (short / "train.log").read_text()
+    assert "--compile auto: off" in log and "CUDA graphs" in log
+    compiled = tmp_path / "compiled"
+    train_script.main([str(a) for a in ["--data", split, "--epochs", "1", *GPU_RUN, "--output", compiled,
+                                        "--compile", "--compile-cache", cache]])
+    assert (compiled / "compile_cache.bin").stat().st_size > 0 and cache_is_warm(cache)
+    train_script.main([str(a) for a in ["--data", split, "--epochs", "2", *GPU_RUN, "--resume", compiled,
+                                        "--compile", "--compile-cache", tmp_path / "fresh"]])
+    assert "filled from" in (compiled / "train.log").read_text()
