@@ -250,6 +250,7 @@ def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path,
 def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     setup_logging(env)
     seed_everything(config.seed)  # the same initial weights on every rank
+    torch.set_num_threads(config.threads)  # chosen with the workers by parse_config (utils.cpu)
     try:
         mean, std, stats_msg = load_stats(config.stats)
     except ValueError as exc:
@@ -259,8 +260,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     teacher_source = resolve_teacher_source(config.teacher, config.teacher_checkpoint) if config.teacher else None
     # every input is checked before the output folder is created
     clock = {"imports and set-up": time.perf_counter()}
-    train_split, val_split = run_on_main(lambda: load_train_val(config.data, config.check_images,
-                                                                max(2, config.workers)),
+    train_split, val_split = run_on_main(lambda: load_train_val(config.data, config.check_images, config.threads),
                                          env, errors=(DatasetError, OSError))
     classes = train_split.classes
     clock[f"image check ({config.check_images})"] = time.perf_counter()
@@ -276,8 +276,8 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     seed_everything(config.seed, env.rank)  # each rank its own augmentation stream
     output, folder_notes = run_on_main(lambda: prepare_run_folder(config, OUTPUT_FILES), env)  # locked till main ends
     setup_logging(env, output)
-    log.info("data %s: %d classes, %d train / %d val images; %s; %s", config.data, len(classes),
-             len(train_split.samples), len(val_split.samples), stats_msg, data_path)
+    log.info("data %s: %d classes, %d train / %d val images; %s; %s; %s", config.data, len(classes),
+             len(train_split.samples), len(val_split.samples), stats_msg, data_path, config.cpu_plan)
     marks = [PROCESS_START] + list(clock.values())
     log.info("start-up %.1f s (%s)", marks[-1] - PROCESS_START,
              ", ".join(f"{name} {end - begin:.1f} s" for name, begin, end in zip(clock, marks, marks[1:])))

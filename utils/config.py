@@ -20,6 +20,7 @@ from kernels.grid_scan import SCAN_BACKENDS
 from models import ModelConfigError, check_model_name, is_groupmamba
 from utils.amp import AMP_MODES
 from utils.checkpoint import RESUME_KEYS, CheckpointError, load_checkpoint
+from utils.cpu import plan_cpu
 from utils.datasets import CHECK_MODES
 from utils.distillation import DISTILLATION_TYPES
 from utils.gpu_data import GPU_DATA_MODES
@@ -41,8 +42,9 @@ PRESETS = {
              "val_batch_size": 256, "warmup_epochs": 3.0, "transpose": 0.5, "gpu_data": "auto",
              "save_every": 10, "workers": 16, "compile": True, "cuda_graph": True},
 }
-# saved arguments that a resumed run does not inherit (the scan backend is the machine's)
-NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend"}
+# saved arguments that a resumed run does not inherit (the scan backend and threads are the
+# machine's; the workers are inherited: they decide which random numbers augment which image)
+NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend", "threads"}
 
 EXAMPLES = """examples:
   python train.py --preset quick              a check on a CPU: 64 px, two short epochs
@@ -113,8 +115,12 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", default="stats.json",
                    help="mean/std file from mean_std.py (ImageNet's when missing)")
     g.add_argument("--img-size", type=int, default=224, help="square input size (px)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (per training process)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process (unset: on a CPU none up to 2 free "
+                        "cores, else a quarter of them, at most 4; on a GPU up to 4)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="PyTorch threads per training process (unset: $OMP_NUM_THREADS, else on a CPU the "
+                        "cores idle at start-up less the workers, on a GPU PyTorch's default; the log says)")
     g.add_argument("--check-images", choices=CHECK_MODES, default="full",
                    help="before training, decode every image (full), open only its header, or "
                         "not check; unreadable files are skipped with a warning whenever they are found")
@@ -359,8 +365,10 @@ def parse_config(argv=None) -> tuple[Config, Optional[dict]]:
         values["val_batch_size"] = values["batch_size"]
     try:
         values["scan_backend"] = choose_scan_backend(values["scan_backend"])
+        cpu = plan_cpu(values["device"], values["threads"], values["workers"])
     except ValueError as exc:
         parser.error(str(exc))
+    values.update(threads=cpu.threads, workers=cpu.workers, cpu_plan=cpu.describe())
     config = Config(**values)
     problems = _problems(config)
     if problems:
