@@ -24,7 +24,6 @@ from typing import Any, Optional  # noqa: E402
 
 import torch  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 from models import CheckpointError, ModelConfigError, create_model, load_pretrained  # noqa: E402
 from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  # noqa: E402
@@ -32,7 +31,7 @@ from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  
 from utils.amp import Precision, resolve_amp  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
                               run_description, save_best, save_checkpoint, to_cpu, to_plain, training_checkpoint)
-from utils.config import memory_hint, mixup_active, parse_config  # noqa: E402
+from utils.config import memory_hint, parse_config  # noqa: E402
 from utils.datasets import DatasetError, SkippedImages, load_train_val  # noqa: E402
 from utils.distillation import (DistillationLoss, check_teacher, resolve_teacher_source,  # noqa: E402
                                 setup_teacher)
@@ -45,7 +44,8 @@ from utils.images import atomic_write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT_CODE, stop_on_sigint  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.memory import check_step_memory  # noqa: E402
-from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
+from utils.optim import (build_loss, build_optimizer, build_scheduler, epochs_within_limit,  # noqa: E402
+                         set_schedule_length)
 from utils.report import EpochLog, plot_curves, write_classification_report  # noqa: E402
 from utils.run_folder import release_run_lock  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
@@ -90,17 +90,6 @@ def setup_logging(env: DistEnv, output: Optional[Path] = None) -> None:
     for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
-
-
-def build_loss(config, num_classes: int):
-    """``(Mixup or None, criterion)``: soft targets with Mixup/CutMix, else label smoothing."""
-    if mixup_active(config):
-        return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
-                     switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
-                     label_smoothing=config.smoothing, num_classes=num_classes), SoftTargetCrossEntropy()
-    if config.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
-    return None, torch.nn.CrossEntropyLoss()
 
 
 def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher) -> Parts:
