@@ -46,6 +46,7 @@ from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.memory import check_step_memory  # noqa: E402
 from utils.optim import (build_loss, build_optimizer, build_scheduler, epochs_within_limit,  # noqa: E402
                          set_schedule_length)
+from utils.progress import ProgressLines, progress_lines  # noqa: E402
 from utils.report import EpochLog, plot_curves, write_classification_report  # noqa: E402
 from utils.run_folder import release_run_lock  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
@@ -75,6 +76,7 @@ class Parts:
     teacher: Any = None
     distill: Optional[DistillationLoss] = None
     loaded: str = ""  # what --pretrained loaded, for the log
+    lines: Optional[ProgressLines] = None  # progress lines in the log when it is not on a terminal
 
 
 # ------------------------------------------------------------------------ set-up
@@ -111,7 +113,8 @@ def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistE
     distill = None if teacher is None else DistillationLoss(
         criterion, teacher.model, config.distillation_type, config.distillation_alpha, config.distillation_tau)
     return Parts(model, kwargs, ema, optimizer, build_scheduler(optimizer, total, warmup, config.lr, config.min_lr),
-                 Precision(config.amp, env.device), criterion, mixup_fn, warmup, teacher, distill, loaded)
+                 Precision(config.amp, env.device), criterion, mixup_fn, warmup, teacher, distill, loaded,
+                 progress_lines(log, config.progress_every))
 
 
 # ------------------------------------------------------------------------ the epochs
@@ -122,12 +125,12 @@ def run_epoch(config, parts: Parts, model, loaders, runners, env: DistEnv, state
     start = time.perf_counter()
     tr = train_one_epoch(model, train_loader, parts.criterion, parts.optimizer, parts.scheduler, parts.precision,
                          env, state.epoch + 1, num_classes, mixup_fn=parts.mixup_fn, ema=parts.ema,
-                         clip_grad=config.clip_grad, max_batches=config.max_train_batches,
+                         clip_grad=config.clip_grad, max_batches=config.max_train_batches, lines=parts.lines,
                          global_step=state.global_step, distill=parts.distill, captured_step=captured_step)
     val_start = time.perf_counter()
     va, ev = [None if runner is None else
               validate(runner, val_loader, parts.precision, env, num_classes, config.max_val_batches,
-                       f"epoch {state.epoch + 1} val{' EMA' if name == 'ema' else ''}", static_batch)
+                       f"epoch {state.epoch + 1} val{' EMA' if name == 'ema' else ''}", static_batch, parts.lines)
               for name, runner in runners.items()]
     state.epoch, state.global_step = state.epoch + 1, tr["global_step"]
     source, acc1 = max([("model", va["acc1"])] + ([("ema", ev["acc1"])] if ev else []), key=lambda kv: kv[1])
@@ -220,7 +223,7 @@ def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path,
     weights = "EMA" if load_pretrained(model, best, reset_head=False).source == "model_ema" else "raw"
     y_true, y_pred = [], []
     # compiled regions keep their static shapes: pad the last batch like validate does
-    for probs, (labels,) in predict_batches(model, loader, parts.precision, env.device, "report",
+    for probs, (labels,) in predict_batches(model, loader, parts.precision, env.device, "report", lines=parts.lines,
                                             static_batch=loader.batch_size if plan.compile else None):
         y_pred += probs.argmax(1).tolist()
         y_true += labels.tolist()

@@ -178,6 +178,10 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
                    help="write last.pth and curves.png every N epochs and at the end")
     g.add_argument("--save-safetensors", action="store_true",
                    help="also write best.safetensors: best.pth's weights and description (test.py reads it)")
+    g.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when the output is not a terminal (a file, a pipe, a job's log): log the epoch's "
+                        "progress (steps done, images a second, time left) at least this often; a terminal "
+                        "shows a bar")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the per-epoch loss, accuracy and learning rate for TensorBoard into "
                         "<output>/tensorboard (needs pip install tensorboard)")
@@ -290,6 +294,7 @@ def _problems(c) -> list[str]:
     for name in ("val_batch_size", "max_train_batches", "max_val_batches"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     need(c.time_limit is None or c.time_limit > 0, "--time-limit must be positive")
+    need(c.progress_every > 0, "--progress-every must be positive")
     need(not c.fit_time_limit or c.time_limit is not None, "--fit-time-limit needs --time-limit SECONDS")
     try:
         check_augment(c.scale, c.ratio, c.rotate)
