@@ -1,7 +1,7 @@
 """Train an image classifier (GroupMamba by default, any timm model by name) on the class
 folders ``<data>/train/<class>/`` and validate on ``<data>/val/<class>/``.
 
-    python train.py --preset quick      # a check that everything works: minutes on a CPU
+    python train.py --preset quick      # a check that everything works: about a minute on a CPU
     python train.py                     # groupmamba_tiny, 224 px, 100 epochs
     python train.py --preset fast       # the short recipe for one GPU
 

@@ -31,9 +31,10 @@ SCAN_BACKEND_ENV = "GROUPMAMBA_SCAN_BACKEND"
 
 # Recipes: defaults that a preset changes; flags typed on the command line still win.
 PRESETS = {
-    # a check that everything works, in minutes on a CPU: small images, two short epochs
+    # a check that everything works, in about a minute on a 2-core CPU: small images, two
+    # short epochs (bench/RESULTS.md); the final report still covers all of val
     "quick": {"img_size": 64, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0,
-              "max_train_batches": 40, "max_val_batches": 10},
+              "max_train_batches": 12, "max_val_batches": 4},
     # the short-schedule recipe for one GPU, tuned on the plant-seedlings val split for
     # the best model within 300 s (bench/RESULTS.md, 2026-11-28 entries): 192 px,
     # batch 64 at lr 5e-4, random transposes (photos taken from above have no "up"),
