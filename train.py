@@ -1,7 +1,7 @@
 """Train an image classifier (GroupMamba by default, any timm model by name) on the class
 folders ``<data>/train/<class>/`` and validate on ``<data>/val/<class>/``.
 
-    python train.py --preset quick      # a check that everything works: minutes on a CPU
+    python train.py --preset quick      # a check that everything works: about a minute on a CPU
     python train.py                     # groupmamba_tiny, 224 px, 100 epochs
     python train.py --preset fast       # the short recipe for one GPU
 
@@ -24,7 +24,6 @@ from typing import Any, Optional  # noqa: E402
 
 import torch  # noqa: E402
 from timm.data import Mixup  # noqa: E402
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 
 from models import CheckpointError, ModelConfigError, create_model, load_pretrained  # noqa: E402
 from utils.accel import (compile_regions, compile_seconds, cuda_graph_runners,  # noqa: E402
@@ -33,7 +32,7 @@ from utils.amp import Precision, resolve_amp  # noqa: E402
 from utils.compile_cache import ARTIFACTS_FILE, keep_artifacts  # noqa: E402
 from utils.checkpoint import (RunState, load_checkpoint, prepare_run_folder, restore_training,  # noqa: E402
                               run_description, save_best, save_checkpoint, to_cpu, to_plain, training_checkpoint)
-from utils.config import memory_hint, mixup_active, parse_config  # noqa: E402
+from utils.config import memory_hint, parse_config  # noqa: E402
 from utils.datasets import DatasetError, SkippedImages, load_train_val  # noqa: E402
 from utils.distillation import (DistillationLoss, check_teacher, resolve_teacher_source,  # noqa: E402
                                 setup_teacher)
@@ -46,7 +45,9 @@ from utils.images import atomic_write_json  # noqa: E402
 from utils.interrupt import INTERRUPTED_EXIT_CODE, stop_on_sigint  # noqa: E402
 from utils.loaders import build_loaders, report_loader  # noqa: E402
 from utils.memory import check_step_memory  # noqa: E402
-from utils.optim import build_optimizer, build_scheduler, epochs_within_limit, set_schedule_length  # noqa: E402
+from utils.optim import (build_loss, build_optimizer, build_scheduler, epochs_within_limit,  # noqa: E402
+                         set_schedule_length)
+from utils.progress import ProgressLines, progress_lines  # noqa: E402
 from utils.report import EpochLog, plot_curves, write_classification_report  # noqa: E402
 from utils.run_folder import release_run_lock  # noqa: E402
 from utils.seed import seed_everything  # noqa: E402
@@ -77,20 +78,10 @@ class Parts:
     teacher: Any = None
     distill: Optional[DistillationLoss] = None
     loaded: str = ""  # what --pretrained loaded, for the log
+    lines: Optional[ProgressLines] = None  # progress lines in the log when it is not on a terminal
 
 
 # ------------------------------------------------------------------------ set-up
-
-def build_loss(config, num_classes: int):
-    """``(Mixup or None, criterion)``: soft targets with Mixup/CutMix, else label smoothing."""
-    if mixup_active(config):
-        return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
-                     switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
-                     label_smoothing=config.smoothing, num_classes=num_classes), SoftTargetCrossEntropy()
-    if config.smoothing > 0:
-        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
-    return None, torch.nn.CrossEntropyLoss()
-
 
 def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher) -> Parts:
     kwargs = {"num_classes": num_classes, **({"drop_path_rate": config.drop_path} if config.drop_path > 0 else {})}
@@ -111,7 +102,8 @@ def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistE
     distill = None if teacher is None else DistillationLoss(
         criterion, teacher.model, config.distillation_type, config.distillation_alpha, config.distillation_tau)
     return Parts(model, kwargs, ema, optimizer, build_scheduler(optimizer, total, warmup, config.lr, config.min_lr),
-                 Precision(config.amp, env.device), criterion, mixup_fn, warmup, teacher, distill, loaded)
+                 Precision(config.amp, env.device), criterion, mixup_fn, warmup, teacher, distill, loaded,
+                 progress_lines(log, config.progress_every))
 
 
 # ------------------------------------------------------------------------ the epochs
@@ -122,12 +114,12 @@ def run_epoch(config, parts: Parts, model, loaders, runners, env: DistEnv, state
     start = time.perf_counter()
     tr = train_one_epoch(model, train_loader, parts.criterion, parts.optimizer, parts.scheduler, parts.precision,
                          env, state.epoch + 1, num_classes, mixup_fn=parts.mixup_fn, ema=parts.ema,
-                         clip_grad=config.clip_grad, max_batches=config.max_train_batches,
+                         clip_grad=config.clip_grad, max_batches=config.max_train_batches, lines=parts.lines,
                          global_step=state.global_step, distill=parts.distill, captured_step=captured_step)
     val_start = time.perf_counter()
     va, ev = [None if runner is None else
               validate(runner, val_loader, parts.precision, env, num_classes, config.max_val_batches,
-                       f"epoch {state.epoch + 1} val{' EMA' if name == 'ema' else ''}", static_batch)
+                       f"epoch {state.epoch + 1} val{' EMA' if name == 'ema' else ''}", static_batch, parts.lines)
               for name, runner in runners.items()]
     state.epoch, state.global_step = state.epoch + 1, tr["global_step"]
     # rank 0's figures choose the best epoch for every rank
@@ -223,7 +215,7 @@ def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path,
     weights = "EMA" if load_pretrained(model, best, reset_head=False).source == "model_ema" else "raw"
     y_true, y_pred = [], []
     # compiled regions keep their static shapes: pad the last batch like validate does
-    for probs, (labels,) in predict_batches(model, loader, parts.precision, env.device, "report",
+    for probs, (labels,) in predict_batches(model, loader, parts.precision, env.device, "report", lines=parts.lines,
                                             static_batch=loader.batch_size if plan.compile else None):
         y_pred += probs.argmax(1).tolist()
         y_true += labels.tolist()
@@ -242,6 +234,7 @@ def final_report(config, parts: Parts, plan, loader, env: DistEnv, output: Path,
 def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     setup_logging(log, env.is_main)
     seed_everything(config.seed)  # the same initial weights on every rank
+    torch.set_num_threads(config.threads)  # chosen with the workers by parse_config (utils.cpu)
     try:
         mean, std, stats_msg = load_stats(config.stats)
     except ValueError as exc:
@@ -251,8 +244,7 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     teacher_source = resolve_teacher_source(config.teacher, config.teacher_checkpoint) if config.teacher else None
     # every input is checked before the output folder is created
     clock = {"imports and set-up": time.perf_counter()}
-    train_split, val_split = run_on_main(lambda: load_train_val(config.data, config.check_images,
-                                                                max(2, config.workers)),
+    train_split, val_split = run_on_main(lambda: load_train_val(config.data, config.check_images, config.threads),
                                          env, errors=(DatasetError, OSError))
     classes = train_split.classes
     clock[f"image check ({config.check_images})"] = time.perf_counter()
@@ -269,8 +261,8 @@ def run(config, resume_ckpt: Optional[dict], env: DistEnv) -> None:
     seed_everything(config.seed, env.rank)  # each rank its own augmentation stream
     output, folder_notes = run_on_main(lambda: prepare_run_folder(config, OUTPUT_FILES), env)  # locked till main ends
     setup_logging(log, env.is_main, output / "train.log")
-    log.info("data %s: %d classes, %d train / %d val images; %s; %s", config.data, len(classes),
-             len(train_split.samples), len(val_split.samples), stats_msg, data_path)
+    log.info("data %s: %d classes, %d train / %d val images; %s; %s; %s", config.data, len(classes),
+             len(train_split.samples), len(val_split.samples), stats_msg, data_path, config.cpu_plan)
     marks = [PROCESS_START] + list(clock.values())
     log.info("start-up %.1f s (%s)", marks[-1] - PROCESS_START,
              ", ".join(f"{name} {end - begin:.1f} s" for name, begin, end in zip(clock, marks, marks[1:])))

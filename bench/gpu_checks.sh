@@ -22,8 +22,9 @@ gpu=$(python3 -c "import torch; n = torch.cuda.get_device_name(); print(next((k 
 JSON=${JSON:-bench/results/$gpu.json}
 { nvidia-smi -L; python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } | tee "$OUT/machine.txt"
 
+# -m "": the slow tests too (pytest.ini leaves them to a second pass)
 # shellcheck disable=SC2086
-python3 -m pytest -q -rfEs $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
+python3 -m pytest -q -rfEs -m "" $TESTS 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 
 # shellcheck disable=SC2086

@@ -109,6 +109,7 @@ def _has_triton():
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+@pytest.mark.slow
 def test_triton_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRETER_CHECK)
 

@@ -119,6 +119,7 @@ def test_onnx_through_the_dynamo_exporter(checkpoint, clf, export_script, tmp_pa
     onnx_session_matching(out, clf)
 
 
+@pytest.mark.slow
 def test_pt2_round_trip_with_a_dynamic_batch(checkpoint, clf, export_script, tmp_path, capsys):
     out = tmp_path / "model.pt2"
     code, text = exits(export_script.main, ["--checkpoint", checkpoint, "--format", "pt2", "--output", out], capsys)

@@ -152,6 +152,7 @@ def test_auto_is_off_on_cpu():
     assert choose_gpu_data("off", torch.device("cpu"), 10)[0] is False
 
 
+@pytest.mark.slow
 def test_train_gpu_data_on_cpu_and_resume_exact(train_script, tmp_path, split,  # noqa: F811
                                                 monkeypatch):
     common = ["--data", split, "--epochs", "2", "--warmup-epochs", "0.5", "--mixup-prob",

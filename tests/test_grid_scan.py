@@ -181,6 +181,7 @@ for (dtype, name), err in worst.items():
 
 
 @pytest.mark.skipif(not grid_scan.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.slow
 def test_triton_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRETER_CHECK)
 
@@ -212,6 +213,7 @@ assert worst < 1e-4, worst
 
 
 @pytest.mark.skipif(not grid_scan.HAS_TRITON, reason="triton is not installed")
+@pytest.mark.slow
 def test_layer_with_the_grid_backend_in_interpreter():
     """GroupMambaLayer(scan_backend="grid") runs the fused grid scan and matches the
     pure-PyTorch backend, forward and every gradient (the wiring the GPU runs)."""

@@ -475,6 +475,7 @@ def test_compile_blocks_compiles_regions_in_place(monkeypatch):
     assert compile_blocks(plain) == [""]  # neither blocks nor stages: the whole model
 
 
+@pytest.mark.slow
 def test_compiled_blocks_train_like_eager():
     """compile_blocks on a small GroupMamba, traced by dynamo (the aot_eager backend runs the
     traced graphs unchanged): the same logits and the same gradients, the stage

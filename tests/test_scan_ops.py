@@ -207,6 +207,7 @@ assert worst < 1e-5, worst
 
 
 @pytest.mark.skipif(not _has_triton(), reason="triton is not installed")
+@pytest.mark.slow
 def test_triton_kernels_in_interpreter():
     """The Triton forward and backward kernels, run by Triton's CPU interpreter."""
     run_in_triton_interpreter(_INTERPRETER_CHECK)

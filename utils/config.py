@@ -21,6 +21,7 @@ from models import ModelConfigError, check_model_name, is_groupmamba
 from utils.amp import AMP_MODES
 from utils.checkpoint import RESUME_KEYS, CheckpointError, load_checkpoint
 from utils.compile_cache import DEFAULT_COMPILE_CACHE
+from utils.cpu import plan_cpu
 from utils.datasets import CHECK_MODES
 from utils.distillation import DISTILLATION_TYPES
 from utils.gpu_data import GPU_DATA_MODES
@@ -31,9 +32,10 @@ SCAN_BACKEND_ENV = "GROUPMAMBA_SCAN_BACKEND"
 
 # Recipes: defaults that a preset changes; flags typed on the command line still win.
 PRESETS = {
-    # a check that everything works, in minutes on a CPU: small images, two short epochs
+    # a check that everything works, in about a minute on a 2-core CPU: small images, two
+    # short epochs (bench/RESULTS.md); the final report still covers all of val
     "quick": {"img_size": 64, "epochs": 2, "batch_size": 32, "warmup_epochs": 0.0,
-              "max_train_batches": 40, "max_val_batches": 10},
+              "max_train_batches": 12, "max_val_batches": 4},
     # the short-schedule recipe for one GPU, tuned on the plant-seedlings val split for
     # the best model within 300 s (bench/RESULTS.md, 2026-11-28 entries): 192 px,
     # batch 64 at lr 5e-4, random transposes (photos taken from above have no "up"),
@@ -43,8 +45,10 @@ PRESETS = {
              "val_batch_size": 256, "warmup_epochs": 3.0, "transpose": 0.5, "gpu_data": "auto",
              "save_every": 10, "workers": 16},
 }
-# saved arguments that a resumed run does not inherit (the scan backend is the machine's)
-NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend", "compile_cache"}
+# saved arguments that a resumed run does not inherit (the scan backend, threads and compile
+# cache are the machine's; the workers are inherited: they decide which random numbers
+# augment which image)
+NOT_INHERITED = {"resume", "output", "force", "pretrained", "scan_backend", "threads", "compile_cache"}
 SWITCH = ("auto", "on", "off")
 
 EXAMPLES = """examples:
@@ -122,8 +126,12 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stats", default="stats.json",
                    help="mean/std file from mean_std.py (ImageNet's when missing)")
     g.add_argument("--img-size", type=int, default=224, help="square input size (px)")
-    g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="data-loading processes (per training process)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loading processes per training process (unset: on a CPU none up to 2 free "
+                        "cores, else a quarter of them, at most 4; on a GPU up to 4)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="PyTorch threads per training process (unset: $OMP_NUM_THREADS, else on a CPU the "
+                        "cores idle at start-up less the workers, on a GPU PyTorch's default; the log says)")
     g.add_argument("--check-images", choices=CHECK_MODES, default="full",
                    help="before training, decode every image (full), open only its header, or "
                         "not check; unreadable files are skipped with a warning whenever they are found")
@@ -181,6 +189,10 @@ def _output_arguments(p: argparse.ArgumentParser) -> None:
                    help="write last.pth and curves.png every N epochs and at the end")
     g.add_argument("--save-safetensors", action="store_true",
                    help="also write best.safetensors: best.pth's weights and description (test.py reads it)")
+    g.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                   help="when the output is not a terminal (a file, a pipe, a job's log): log the epoch's "
+                        "progress (steps done, images a second, time left) at least this often; a terminal "
+                        "shows a bar")
     g.add_argument("--tensorboard", action="store_true",
                    help="also write the per-epoch loss, accuracy and learning rate for TensorBoard into "
                         "<output>/tensorboard (needs pip install tensorboard)")
@@ -293,6 +305,7 @@ def _problems(c) -> list[str]:
     for name in ("val_batch_size", "max_train_batches", "max_val_batches"):
         need(getattr(c, name) is None or getattr(c, name) >= 1, f"--{name.replace('_', '-')} must be at least 1")
     need(c.time_limit is None or c.time_limit > 0, "--time-limit must be positive")
+    need(c.progress_every > 0, "--progress-every must be positive")
     need(not c.fit_time_limit or c.time_limit is not None, "--fit-time-limit needs --time-limit SECONDS")
     try:
         check_augment(c.scale, c.ratio, c.rotate)
@@ -370,8 +383,10 @@ def parse_config(argv=None) -> tuple[Config, Optional[dict]]:
         values["val_batch_size"] = values["batch_size"]
     try:
         values["scan_backend"] = choose_scan_backend(values["scan_backend"])
+        cpu = plan_cpu(values["device"], values["threads"], values["workers"])
     except ValueError as exc:
         parser.error(str(exc))
+    values.update(threads=cpu.threads, workers=cpu.workers, cpu_plan=cpu.describe())
     config = Config(**values)
     problems = _problems(config)
     if problems:

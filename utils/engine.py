@@ -17,12 +17,12 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from utils.amp import Precision
 from utils.distributed import DistEnv, all_reduce_sums, unwrap_model
 from utils.interrupt import raise_if_interrupted
 from utils.metrics import AverageMeter, topk_hits
+from utils.progress import EpochProgress, ProgressLines
 
 
 class NonFiniteLossError(RuntimeError):
@@ -49,10 +49,9 @@ def _logits(outputs) -> torch.Tensor:
     return heads[0] if len(heads) == 1 else torch.stack(heads).mean(0)
 
 
-def _progress(total: int, desc: str, env: DistEnv):
-    # rank 0 only; tqdm itself turns off when stderr is not a terminal
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True,
-                disable=None if env.is_main else True)
+def _progress(total: int, desc: str, env: DistEnv, lines: Optional[ProgressLines]) -> EpochProgress:
+    # rank 0 only; the bar shows only on a terminal, the lines go to the log
+    return EpochProgress(total, desc, show=env.is_main, lines=lines)
 
 
 def heads_loss(criterion: Callable) -> Callable:
@@ -79,18 +78,16 @@ class _HostClock:
 class _LossProgress:
     """The running loss and the progress bar; stops the run at the first NaN/inf loss."""
 
-    def __init__(self, steps: int, epoch: int, optimizer, env: DistEnv):
+    def __init__(self, steps: int, epoch: int, optimizer, env: DistEnv, lines: Optional[ProgressLines]):
         self.meter = AverageMeter()
         self.epoch, self.optimizer = epoch, optimizer
-        self.bar = _progress(steps, f"epoch {epoch} train", env)
+        self.bar = _progress(steps, f"epoch {epoch} train", env, lines)
 
     def record(self, step: int, value: float, n: int) -> None:
         if not math.isfinite(value):
-            self.bar.close()
             raise NonFiniteLossError(self.epoch, step, value)
         self.meter.update(value, n)
-        self.bar.set_postfix(loss=f"{self.meter.avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
-        self.bar.update(1)
+        self.bar.update(n, loss=f"{self.meter.avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
 
 
 def _eager_step(model, images, target, criterion, optimizer, precision, distill, params, max_norm,
@@ -124,14 +121,16 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
                     env: DistEnv, epoch: int, num_classes: int, *,
                     mixup_fn: Optional[Callable] = None, ema=None, clip_grad: float = 0.0,
                     max_batches: Optional[int] = None, global_step: int = 0,
-                    distill: Optional[Callable] = None, captured_step=None) -> dict:
+                    distill: Optional[Callable] = None, captured_step=None,
+                    lines: Optional[ProgressLines] = None) -> dict:
     """Train for one epoch (``epoch`` is 1-based, for messages). Raises
     NonFiniteLossError at the first NaN/inf loss, before the weights are touched.
     ``distill(images, outputs, targets)``, when given, replaces ``criterion`` (it wraps
     it) and runs the teacher on the same, already mixed, images under the same autocast.
     ``captured_step``: a ``utils.cuda_graphs.CapturedTrainStep`` over this model,
     criterion, optimizer and ``clip_grad`` that does forward to optimizer step in one
-    CUDA graph (there a NaN loss is seen only after the optimizer step)."""
+    CUDA graph (there a NaN loss is seen only after the optimizer step). ``lines``: also
+    log the progress at intervals (:func:`utils.progress.progress_lines`)."""
     model.train()
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -139,46 +138,47 @@ def train_one_epoch(model: torch.nn.Module, loader, criterion: Callable,
     # summed on the device, read once at the end (a host sync per value would stall the GPU)
     sums = torch.zeros(4, device=env.device)
     start = time.perf_counter()
-    clock, progress = _HostClock(), _LossProgress(steps, epoch, optimizer, env)
-    # captured steps: the loss of step k is read once step k+1 is queued, so the host
-    # prepares the next batch while the GPU still runs (a NaN is seen one step later;
-    # in a captured step it is seen after the optimizer step anyway)
-    pending = None  # (step, loss copy, batch size) not yet read
-    step = 0
-    for step, (images, target) in enumerate(loader, start=1):
-        raise_if_interrupted()
-        if step > steps:
-            step = steps
-            break
-        images = images.to(env.device, non_blocking=True)
-        hard_target = target = target.to(env.device, non_blocking=True)
-        if mixup_fn is not None:
-            images, target = mixup_fn(images, target)
-        clock.lap("data")
-        if captured_step is not None:
-            outputs, loss, grad_norm = captured_step(images, target)
-            loss = loss.clone()  # the captured buffer is overwritten by the next replay
-            clock.lap("step")
-            if pending is not None:
-                progress.record(pending[0], pending[1].item(), pending[2])
-            pending = (step, loss, images.shape[0])
+    batches = enumerate(loader, start=1)  # DataLoader workers start before the progress clock's thread
+    clock, progress = _HostClock(), _LossProgress(steps, epoch, optimizer, env, lines)
+    with progress.bar:
+        # captured steps: the loss of step k is read once step k+1 is queued, so the host
+        # prepares the next batch while the GPU still runs (a NaN is seen one step later;
+        # in a captured step it is seen after the optimizer step anyway)
+        pending = None  # (step, loss copy, batch size) not yet read
+        step = 0
+        for step, (images, target) in batches:
+            raise_if_interrupted()
+            if step > steps:
+                step = steps
+                break
+            images = images.to(env.device, non_blocking=True)
+            hard_target = target = target.to(env.device, non_blocking=True)
+            if mixup_fn is not None:
+                images, target = mixup_fn(images, target)
+            clock.lap("data")
+            if captured_step is not None:
+                outputs, loss, grad_norm = captured_step(images, target)
+                loss = loss.clone()  # the captured buffer is overwritten by the next replay
+                clock.lap("step")
+                if pending is not None:
+                    progress.record(pending[0], pending[1].item(), pending[2])
+                pending = (step, loss, images.shape[0])
+                clock.lap("wait")
+            else:
+                outputs, grad_norm = _eager_step(
+                    model, images, target, criterion, optimizer, precision, distill, params, max_norm,
+                    lambda value, at=step, n=images.shape[0]: progress.record(at, value, n))
+                clock.lap("step")
+            global_step += 1
+            scheduler.step_update(global_step)  # the rate of the next step
+            if ema is not None:
+                ema.update(unwrap_model(model), step=global_step)
+            clock.lap("ema")
+            sums += _step_sums(outputs, hard_target, grad_norm, min(5, num_classes))
+            clock.lap("metrics")
+        if pending is not None:
+            progress.record(pending[0], pending[1].item(), pending[2])
             clock.lap("wait")
-        else:
-            outputs, grad_norm = _eager_step(
-                model, images, target, criterion, optimizer, precision, distill, params, max_norm,
-                lambda value, at=step, n=images.shape[0]: progress.record(at, value, n))
-            clock.lap("step")
-        global_step += 1
-        scheduler.step_update(global_step)  # the rate of the next step
-        if ema is not None:
-            ema.update(unwrap_model(model), step=global_step)
-        clock.lap("ema")
-        sums += _step_sums(outputs, hard_target, grad_norm, min(5, num_classes))
-        clock.lap("metrics")
-    if pending is not None:
-        progress.record(pending[0], pending[1].item(), pending[2])
-        clock.lap("wait")
-    progress.bar.close()
     return _epoch_metrics(sums, progress.meter, step, time.perf_counter() - start, optimizer, global_step,
                           clock, env)
 
@@ -208,30 +208,32 @@ def pad_batch(images: torch.Tensor, size: Optional[int]) -> torch.Tensor:
 @torch.no_grad()
 def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
              num_classes: int, max_batches: Optional[int] = None,
-             desc: str = "val", static_batch: Optional[int] = None) -> dict:
+             desc: str = "val", static_batch: Optional[int] = None,
+             lines: Optional[ProgressLines] = None) -> dict:
     """Cross-entropy loss, ACC1 and ACC5 (percent) over the loader, all ranks summed.
     ``static_batch``: run every batch at this size (a smaller one padded, the padding's
-    outputs dropped), for compiled models; in eval mode samples do not interact."""
+    outputs dropped), for compiled models; in eval mode samples do not interact.
+    ``lines``: as in :func:`train_one_epoch`."""
     model.eval()
     k5 = min(5, num_classes)
     # loss sum, top-1 hits, top-5 hits: summed on the device, read once at the end
     sums = torch.zeros(3, device=env.device)
     count = 0
     steps = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = _progress(steps, desc, env)
-    for i, (images, target) in enumerate(loader):
-        if i >= steps:
-            break
-        images = images.to(env.device, non_blocking=True)
-        target = target.to(env.device, non_blocking=True)
-        with precision.autocast():
-            logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
-        logits = logits.float()
-        sums += torch.cat([F.cross_entropy(logits, target, reduction="sum").view(1),
-                           topk_hits(logits, target, (1, k5))])
-        count += images.shape[0]
-        bar.update(1)
-    bar.close()
+    batches = enumerate(loader)  # DataLoader workers start before the progress clock's thread
+    with _progress(steps, desc, env, lines) as bar:
+        for i, (images, target) in batches:
+            if i >= steps:
+                break
+            images = images.to(env.device, non_blocking=True)
+            target = target.to(env.device, non_blocking=True)
+            with precision.autocast():
+                logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
+            logits = logits.float()
+            sums += torch.cat([F.cross_entropy(logits, target, reduction="sum").view(1),
+                               topk_hits(logits, target, (1, k5))])
+            count += images.shape[0]
+            bar.update(images.shape[0])
     loss_sum, c1, c5 = sums.tolist()
     loss_sum, c1, c5, count = all_reduce_sums([loss_sum, c1, c5, float(count)], env)
     n = max(count, 1.0)
@@ -242,17 +244,18 @@ def validate(model: torch.nn.Module, loader, precision: Precision, env: DistEnv,
 @torch.no_grad()
 def predict_batches(model: torch.nn.Module, loader, precision: Precision,
                     device: torch.device, desc: str = "predict", show_progress: bool = True,
-                    static_batch: Optional[int] = None) -> Iterator[tuple[torch.Tensor, tuple]]:
+                    static_batch: Optional[int] = None,
+                    lines: Optional[ProgressLines] = None) -> Iterator[tuple[torch.Tensor, tuple]]:
     """Yield ``(probabilities on the CPU, the rest of the batch)`` for each batch; the
     first element of each batch must be the image tensor. ``static_batch``: as in
-    :func:`validate` (a compiled model would otherwise recompile for the last batch)."""
+    :func:`validate` (a compiled model would otherwise recompile for the last batch);
+    ``lines``: as in :func:`train_one_epoch`."""
     model.eval()
-    bar = tqdm(total=len(loader), desc=desc, leave=False, dynamic_ncols=True,
-               disable=None if show_progress else True)
-    for batch in loader:
-        images, rest = batch[0].to(device, non_blocking=True), tuple(batch[1:])
-        with precision.autocast():
-            logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
-        yield logits.float().softmax(dim=1).cpu(), rest
-        bar.update(1)
-    bar.close()
+    batches = iter(loader)  # DataLoader workers start before the progress clock's thread
+    with EpochProgress(len(loader), desc, show=show_progress, lines=lines) as bar:
+        for batch in batches:
+            images, rest = batch[0].to(device, non_blocking=True), tuple(batch[1:])
+            with precision.autocast():
+                logits = _logits(model(pad_batch(images, static_batch)))[:images.shape[0]]
+            yield logits.float().softmax(dim=1).cpu(), rest
+            bar.update(images.shape[0])

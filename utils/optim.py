@@ -1,4 +1,8 @@
-"""AdamW and a per-step learning-rate schedule: linear warm-up, then cosine decay.
+"""What a run minimises and how: the loss, AdamW, and a per-step learning-rate schedule
+(linear warm-up, then cosine decay).
+
+The loss is label-smoothed cross-entropy, or soft-target cross-entropy when timm's Mixup
+or CutMix mixes the batches (``build_loss``).
 
 The optimizer comes from ``timm.optim.create_optimizer_v2`` (no weight decay on
 biases, norm weights and whatever the model lists in ``no_weight_decay()``). The
@@ -20,10 +24,25 @@ from __future__ import annotations
 import math
 
 import torch
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 
+from utils.config import mixup_active
+
 WARMUP_RATIO = 0.01  # the warm-up starts at 1 % of the peak rate
+
+
+def build_loss(config, num_classes: int):
+    """``(Mixup or None, criterion)``: soft targets with Mixup/CutMix, else label smoothing."""
+    if mixup_active(config):
+        return Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mixup_prob,
+                     switch_prob=config.mixup_switch_prob, mode=config.mixup_mode,
+                     label_smoothing=config.smoothing, num_classes=num_classes), SoftTargetCrossEntropy()
+    if config.smoothing > 0:
+        return None, LabelSmoothingCrossEntropy(smoothing=config.smoothing)
+    return None, torch.nn.CrossEntropyLoss()
 
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float,
