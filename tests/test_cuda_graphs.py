@@ -20,7 +20,7 @@ def test_cuda_graph_problem_names_what_is_missing():
     cuda = torch.device("cuda")
     assert cuda_graph_problem(cuda, False, False, False, False) is None
     assert "CUDA" in cuda_graph_problem(torch.device("cpu"), False, False, False, False)
-    assert "single process" in cuda_graph_problem(cuda, True, False, False, False)
+    assert "all-reduce" in cuda_graph_problem(cuda, True, False, False, False)  # torchrun
     assert "single process" in cuda_graph_problem(cuda, False, True, False, False)
     assert "bf16" in cuda_graph_problem(cuda, False, False, True, False)
     assert "teacher" in cuda_graph_problem(cuda, False, False, False, True)
