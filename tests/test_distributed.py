@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 import models
 from small_classifier import SMALL_KWARGS
-from test_train_test import REPO, TINY, _make_source, read_csv
+from test_train_test import REPO, TINY, read_csv, small_split
 from utils.datasets import load_train_val
 from utils.distributed import DistEnv, failures_named
 from utils.gpu_data import decode_images
@@ -106,16 +105,7 @@ def test_gradients_have_their_parameters_layout_on_cuda(low_memory, compiled):
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory) -> Path:
-    """data/{train,val}/<class>/: 8 train and 4 val images for each of 3 classes."""
-    source = _make_source(tmp_path_factory.mktemp("ddp-src") / "images")
-    data = tmp_path_factory.mktemp("ddp-data") / "data"
-    for cls in sorted(source.iterdir()):
-        files = sorted(cls.iterdir())
-        for part, chunk in (("train", files[:8]), ("val", files[8:12])):
-            (data / part / cls.name).mkdir(parents=True, exist_ok=True)
-            for f in chunk:
-                shutil.copy(f, data / part / cls.name / f.name)
-    return data
+    return small_split(tmp_path_factory.mktemp("ddp"))
 
 
 def test_resume_with_another_batch_size_goes_on_by_epochs(train_script, tmp_path, split, capsys):

@@ -20,7 +20,7 @@ import torch
 
 import mean_std
 import utils.images
-from test_train_test import TINY, _make_source, exits, output, read_csv, run
+from test_train_test import TINY, _make_source, exits, output, read_csv, run, small_split
 from utils.errors import LogFile, failure_message
 
 CPU_ALLOCATION_FAILURE = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
@@ -53,16 +53,7 @@ def temporary_files(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def split(tmp_path_factory) -> Path:
-    """data/{train,val}/<class>/: 8 train and 4 val images for each of 3 classes."""
-    source = _make_source(tmp_path_factory.mktemp("faults-src") / "images")
-    data = tmp_path_factory.mktemp("faults-data") / "data"
-    for cls in sorted(source.iterdir()):
-        files = sorted(cls.iterdir())
-        for part, chunk in (("train", files[:8]), ("val", files[8:12])):
-            (data / part / cls.name).mkdir(parents=True, exist_ok=True)
-            for f in chunk:
-                shutil.copy(f, data / part / cls.name / f.name)
-    return data
+    return small_split(tmp_path_factory.mktemp("faults"))
 
 
 @pytest.fixture(scope="module")

@@ -80,6 +80,19 @@ def _make_source(root: Path, classes: int = 3, per_class: int = 12) -> Path:
     return root
 
 
+def small_split(root: Path) -> Path:
+    """root/data/{train,val}/<class>/: 8 train and 4 val images for each of 3 classes, split by hand."""
+    source = _make_source(root / "images")
+    data = root / "data"
+    for cls in sorted(source.iterdir()):
+        files = sorted(cls.iterdir())
+        for part, chunk in (("train", files[:8]), ("val", files[8:12])):
+            (data / part / cls.name).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                shutil.copy(f, data / part / cls.name / f.name)
+    return data
+
+
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
     return _make_source(tmp_path_factory.mktemp("src") / "images")
