@@ -135,7 +135,7 @@ def run_epoch(config, parts: Parts, model, loaders, runners, env: DistEnv, state
             "train_s": val_start - start, "host_ms": tr["host_ms"], "steps": tr["steps"], "time_s": tr["time_s"]}
 
 
-def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool, output: Path) -> None:
+def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool) -> None:
     ema = f"  |  EMA acc1 {row['ema_val_acc1']:.2f}" if row["ema_val_acc1"] is not None else ""
     log.info("epoch %d/%d  train loss %.4f acc1 %.2f  |  val loss %.4f acc1 %.2f acc5 %.2f%s  |  best %.2f "
              "(%s, epoch %d)%s  %.0fs %.1f img/s", row["epoch"], state.epochs, row["train_loss"],
@@ -145,7 +145,6 @@ def log_epoch(row: dict, state: RunState, first_epoch: int, compiled: bool, outp
     if row["epoch"] == first_epoch and compiled:  # it compiled the training and evaluation graphs
         log.info("compiling in epoch %d: %s; the epoch took %.1f s training, %.1f s validating", row["epoch"],
                  describe_compile_seconds(compile_seconds()), row["train_s"], row["epoch_time_s"] - row["train_s"])
-        log.info(keep_artifacts(output / ARTIFACTS_FILE))
     if row["epoch"] == first_epoch + 1:  # the first epoch after compiling and warm-up
         log.info("host time per training step: %s (of %.1f ms a step)",
                  ", ".join(f"{k} {v:.1f} ms" for k, v in row["host_ms"].items()),
@@ -197,7 +196,9 @@ def fit(config, parts: Parts, plan, model, loaders, env: DistEnv, output: Path, 
                 save_checkpoint(training_checkpoint(config, parts, state, meta, full=True), output / "last.pth")
                 plot_curves(state.history, output / "curves.png")
             epoch_log.write(state.history)
-            log_epoch(row, state, first_epoch, plan.compile, output)
+            log_epoch(row, state, first_epoch, plan.compile)
+            if state.epoch == first_epoch and plan.compile:  # what was compiled, for the next run and --resume
+                log.info(keep_artifacts(output / ARTIFACTS_FILE))
             skipped.report(output / "skipped_images.txt", log)
         barrier(env)
         if out_of_time:
