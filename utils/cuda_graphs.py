@@ -54,6 +54,12 @@ def on_side_stream(fn: Callable[[], object], times: int = 1):
     return result
 
 
+def _detached(outputs):
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(t.detach() for t in outputs)
+    return outputs.detach()
+
+
 def _graph_autocast(device_type: str, dtype: torch.dtype, enabled: bool):
     # no autocast weight cache under capture: cached casts would outlive the graph's pool
     return torch.autocast(device_type=device_type, dtype=dtype, enabled=enabled, cache_enabled=False)
@@ -70,8 +76,8 @@ class CapturedTrainStep:
     ``capturable=True``; its learning rates are mirrored into device tensors before
     each replay, so a scheduler that sets ``param_group["lr"]`` keeps working.
 
-    Returns ``(outputs, loss, grad_norm)`` (device tensors; the captured ones are
-    overwritten by the next call). A NaN loss is seen only after the optimizer step.
+    Returns ``(outputs, loss, grad_norm)`` (device tensors, detached; the captured ones
+    are overwritten by the next call). A NaN loss is seen only after the optimizer step.
     """
 
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, optimizer: torch.optim.Optimizer,
@@ -96,7 +102,12 @@ class CapturedTrainStep:
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
         self.optimizer.step()
-        return outputs, loss.detach(), grad_norm
+        # detached: outputs that keep an uncaptured step's autograd graph alive keep its
+        # gradient-accumulation nodes, made on the warm-up stream, for the captured
+        # backward too, which then accumulates those gradients off the capture stream
+        # (torch warns "AccumulateGrad node's stream does not match"), and a training run
+        # diverged with gradient norms of 1e6 (bench/RESULTS.md, 2026-12-07 09:15 UTC)
+        return _detached(outputs), loss.detach(), grad_norm
 
     def _uncaptured(self, images, target):
         self.optimizer.zero_grad(set_to_none=True)
