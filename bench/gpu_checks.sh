@@ -3,7 +3,9 @@
 # have the GPU to themselves:
 #   1. the GPU tests (they skip themselves on a CPU-only machine);
 #   2. bench/bench_model.py on the default fast path (--compile --cuda-graph), which
-#      updates bench/results/<gpu>.json with the headline keys (train_img_s_tiny_224_bs128, ...).
+#      updates bench/results/<gpu>.json with the headline keys (train_img_s_tiny_224_bs128, ...);
+#   3. bench/bench_fused_norm.py (the fused LayerNorm kernels against the unfused ops, with
+#      their bandwidth), into $OUT/bench_fused_norm.json.
 # Logs and the kernel table go to $OUT. Run from the repository root:
 #   bash bench/gpu_checks.sh
 #   OUT=gpu_logs TESTS="tests/test_grid_scan.py" BENCH="--models groupmamba_small" bash bench/gpu_checks.sh
@@ -14,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_logs}
-TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_cuda_graphs.py tests/test_scan_ops.py tests/test_triton_compile.py tests/test_distributed.py::test_gradients_have_their_parameters_layout_on_cuda tests/test_distributed.py::test_the_fast_path_under_torchrun_on_two_gpus tests/test_compile_plan.py}
+TESTS=${TESTS:-tests/test_scan_gpu.py tests/test_grid_scan.py tests/test_models_gpu.py tests/test_depthwise_conv.py tests/test_fused_norm.py tests/test_cuda_graphs.py tests/test_scan_ops.py tests/test_triton_compile.py tests/test_distributed.py::test_gradients_have_their_parameters_layout_on_cuda tests/test_distributed.py::test_the_fast_path_under_torchrun_on_two_gpus tests/test_compile_plan.py}
 BENCH=${BENCH:-}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -32,5 +34,6 @@ python3 bench/bench_model.py --compile --cuda-graph --json "$JSON" --kernels-jso
     2>&1 | tee "$OUT/bench_model.log"
 bench=${PIPESTATUS[0]}
 cp "$JSON" "$OUT/" 2>/dev/null
+python3 bench/bench_fused_norm.py --json "$OUT/bench_fused_norm.json" 2>&1 | tee "$OUT/bench_fused_norm.log"
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"

@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from kernels import depthwise_conv
+from kernels import depthwise_conv, fused_norm
 
 from ._helpers import apply_pretrained_cfg, checkpoint_cfg, filter_state_dict
 from ._helpers import load_pretrained as load_checkpoint_weights
@@ -125,8 +125,9 @@ class GroupMambaLayer(nn.Module):
         # run the four SS2Ds as one batched pipeline (same result, a quarter of the
         # kernel launches); False runs them one by one as released, for comparison
         self.batch_groups = True
-        # in the batched pipeline on CUDA, the depth-wise conv + SiLU as one fused op
-        # (kernels.depthwise_conv) whose backward recomputes the conv
+        # on CUDA, fused ops whose backward recomputes: in the batched pipeline the
+        # depth-wise conv + SiLU (kernels.depthwise_conv) and the output norm with its
+        # gate, and the products with the LayerNorm before proj (kernels.fused_norm)
         self.low_memory = low_memory
 
     def group_scans(self) -> list[SS2D]:
@@ -141,7 +142,7 @@ class GroupMambaLayer(nn.Module):
         """Each channel quarter of ``(B, H, W, C)`` through its own SS2D, concatenated."""
         scans = self.group_scans()
         if self.batch_groups and can_batch(scans):
-            return grouped_ss2d(scans, grid, fused_conv=self.low_memory)
+            return grouped_ss2d(scans, grid, fused=self.low_memory)
         groups = grid.chunk(len(scans), dim=-1)
         return torch.cat([scan(group) for scan, group in zip(scans, groups)], dim=-1)
 
@@ -152,11 +153,16 @@ class GroupMambaLayer(nn.Module):
         x = self.norm(x)
         gate = self.channel_affinity(x)
         grid = x.view(batch, height, width, channels)
-        mixed = self.scan_groups(grid)
+        mixed = self.scan_groups(grid).view(batch, tokens, channels)
+        if self.low_memory and x.is_cuda and fused_norm.HAS_TRITON:
+            # the products and the LayerNorm in one kernel, written in the dtype the
+            # projection reads; its backward recomputes the products
+            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            return self.proj(fused_norm.modulated_layer_norm(mixed, self.skip_scale, x, gate, self.norm.weight,
+                                                             self.norm.bias, self.norm.eps, out_dtype))
         # the release's order of products; folding skip_scale into the gate first saves
         # one full-size multiply but measurably loses float32 accuracy in skip_scale's gradient
-        mixed = mixed * self.skip_scale * grid * gate.unsqueeze(1)
-        return self.proj(self.norm(mixed.view(batch, tokens, channels)))
+        return self.proj(self.norm(mixed * self.skip_scale * x * gate))
 
 
 class StochasticDepth(nn.Module):
@@ -326,9 +332,9 @@ class GroupMamba(nn.Module):
             with Triton, the pure-PyTorch scan on the CPU), ``"grid"``, ``"triton"``,
             ``"cuda"`` or ``"torch"``.
         low_memory: on CUDA with Triton, run the depth-wise convs with their activation
-            (and the feed-forward's fc2) as fused kernels whose backward recomputes the
-            conv: the same numerics, about a third less activation memory, a few percent
-            slower (``bench/RESULTS.md``).
+            (and the feed-forward's fc2), and each mixer's products with its LayerNorm, as
+            fused kernels whose backward recomputes what they skip keeping: the same
+            numerics, about a third less activation memory (``bench/RESULTS.md``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,

@@ -166,3 +166,27 @@ def test_bench_dwconv_best_config_weighs_shapes_and_needs_all_of_them():
     assert bench.best_config(rows, spec, ("fwd_ms", "bwd_pre_ms")) == {"rows_per_program": 8}
     assert bench.best_config(rows + [{"impl": "cudnn+gelu", "shape": "stage1", "fwd_ms": 0.01}],
                              spec, ("fwd_ms",)) == {"rows_per_program": 8}
+
+
+def test_bench_fused_norm_times_what_the_model_computes():
+    """The unfused side of the benchmark is the model's own computation (the fused ops'
+    references, rounded as autocast rounds), and a machine without CUDA gets a message."""
+    import torch
+    from kernels import fused_norm
+
+    bench = load("bench_fused_norm")
+    torch.manual_seed(0)
+    mixed, grid, gate = torch.randn(2, 9, 8).bfloat16(), torch.randn(2, 9, 8), torch.rand(2, 1, 8).bfloat16()
+    scale, weight, bias = torch.tensor([0.9]), torch.randn(8), torch.randn(8)
+    torch.testing.assert_close(
+        bench.modulated_unfused(mixed, scale, grid, gate, weight, bias),
+        fused_norm.modulated_layer_norm_reference(mixed, scale, grid, gate, weight, bias, 1e-5, torch.bfloat16))
+    ys, z = torch.randn(2, 9, 4, 2), torch.randn(2, 9, 8).bfloat16()
+    weight, bias = torch.randn(4, 2), torch.randn(4, 2)
+    # the model rounds to bf16 twice more than the fused op (the affine result and the SiLU)
+    torch.testing.assert_close(bench.gated_unfused(ys, z, weight, bias).float(),
+                               fused_norm.gated_group_norm_reference(ys, z, weight, bias).float(),
+                               rtol=2e-2, atol=2e-2)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            bench.main([])

@@ -1,0 +1,205 @@
+"""GroupMamba's LayerNorms fused with the elementwise work around them, for CUDA tensors.
+
+- :func:`modulated_layer_norm`, the end of a ``GroupMambaLayer`` before its projection::
+
+      out = layer_norm(mixed * skip_scale * grid * gate, weight, bias, eps)
+
+  with ``mixed`` and ``grid`` ``(B, N, C)``, ``gate`` ``(B, 1, C)`` (one value per image
+  and channel) and ``skip_scale`` ``(1,)``;
+- :func:`gated_group_norm`, the end of the grouped SS2D pipeline before ``out_proj``::
+
+      out[..., g, :] = (layer_norm(ys[..., g, :], eps) * weight[g] + bias[g]) * silu(z[..., g, :])
+
+  with ``ys`` ``(..., G, D)`` (the scan's float32 output), ``z`` ``(..., G * D)`` (the
+  gate half of ``in_proj``) and a ``(G, D)`` affine per group.
+
+Unfused, each is four or five passes over the activations, most in float32, and autograd
+keeps their intermediate results for the backward pass; as differentiable custom ops
+they are one pass each way, and the backward recomputes the products and statistics
+from the inputs it already keeps.
+
+Numerics are those of the unfused ops computed in float32 and rounded once: the
+modulated norm's output is written in ``out_dtype`` (under autocast the dtype the
+projection casts it to anyway), the gated norm's in ``z``'s dtype; input gradients come
+in their inputs' dtypes. The kernels are in :mod:`.triton_norm` (imported at the first
+call, so CPU-only machines never need Triton); the ``*_reference`` functions are the
+same computations in plain PyTorch ops.
+
+``torch.compile`` traces the op (fake kernels, registered backward) without a graph
+break, and CUDA graphs can capture it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["HAS_TRITON", "gated_group_norm", "gated_group_norm_reference", "modulated_layer_norm",
+           "modulated_layer_norm_reference"]
+
+# whether the fused path can run on a CUDA tensor (a module constant, so compiled
+# code reads it without a guard on anything but this module)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+_MODULATED = "groupmamba_norm::modulated_layer_norm"
+_GATED = "groupmamba_norm::gated_group_norm"
+
+
+def _kernels():
+    from . import triton_norm  # noqa: PLC0415 - needs Triton and a GPU (or its interpreter)
+    return triton_norm
+
+
+@torch.library.custom_op(_MODULATED, mutates_args=())
+def _fused_forward(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
+                   weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    return _kernels().modulated_norm_fwd(mixed, grid, gate, skip_scale, weight, bias, eps, out_dtype)
+
+
+@_fused_forward.register_fake
+def _(mixed, skip_scale, grid, gate, weight, bias, eps, out_dtype):
+    return mixed.new_empty(mixed.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op(_MODULATED + "_backward", mutates_args=())
+def _fused_backward(dout: torch.Tensor, mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor,
+                    gate: torch.Tensor, weight: torch.Tensor, eps: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dmixed, dgrid, dgate, dscale, dweight, dbias = _kernels().modulated_norm_bwd(
+        dout, mixed, grid, gate, skip_scale, weight, eps)
+    return (dmixed, dscale.to(skip_scale.dtype), dgrid, dgate.view_as(gate).to(gate.dtype), dweight.to(weight.dtype),
+            dbias.to(weight.dtype))
+
+
+@_fused_backward.register_fake
+def _(dout, mixed, skip_scale, grid, gate, weight, eps):
+    return (torch.empty_like(mixed), torch.empty_like(skip_scale), torch.empty_like(grid),
+            torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _setup_context(ctx, inputs, output):
+    mixed, skip_scale, grid, gate, weight, bias, eps, out_dtype = inputs
+    ctx.eps = eps
+    ctx.bias_dtype = bias.dtype
+    ctx.save_for_backward(mixed, skip_scale, grid, gate, weight)
+
+
+def _backward(ctx, dout):
+    mixed, skip_scale, grid, gate, weight = ctx.saved_tensors
+    dmixed, dscale, dgrid, dgate, dweight, dbias = _fused_backward(
+        dout.contiguous(), mixed, skip_scale, grid, gate, weight, ctx.eps)
+    return dmixed, dscale, dgrid, dgate, dweight, dbias.to(ctx.bias_dtype), None, None
+
+
+_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_arguments(mixed, skip_scale, grid, gate, weight, bias) -> None:
+    if mixed.dim() != 3 or grid.shape != mixed.shape:
+        raise ValueError(f"mixed and grid must both be (B, N, C), got {tuple(mixed.shape)} and {tuple(grid.shape)}")
+    batch, _, channels = mixed.shape
+    if gate.shape != (batch, 1, channels):
+        raise ValueError(f"gate must be (B, 1, C) = {(batch, 1, channels)}, got {tuple(gate.shape)}")
+    if skip_scale.numel() != 1:
+        raise ValueError(f"skip_scale must hold one value, got shape {tuple(skip_scale.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None or t.shape != (channels,):
+            raise ValueError(f"{name} must be ({channels},), got {None if t is None else tuple(t.shape)}")
+
+
+def modulated_layer_norm(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
+                         weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The fused op on CUDA tensors (needs Triton): ``(B, N, C)`` -> ``(B, N, C)`` in
+    ``out_dtype`` (default: float32, the dtype of the unfused LayerNorm's output)."""
+    _check_arguments(mixed, skip_scale, grid, gate, weight, bias)
+    return _fused_forward(mixed.contiguous(), skip_scale, grid.contiguous(), gate.contiguous(), weight, bias,
+                          float(eps), torch.float32 if out_dtype is None else out_dtype)
+
+
+def modulated_layer_norm_reference(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
+              weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """:func:`modulated_layer_norm` in plain PyTorch ops (any device, autograd as usual)."""
+    _check_arguments(mixed, skip_scale, grid, gate, weight, bias)
+    product = mixed * skip_scale * grid * gate
+    out = F.layer_norm(product, (mixed.shape[-1],), weight, bias, eps)
+    return out if out_dtype is None else out.to(out_dtype)
+
+
+# --------------------------------------------------------------------------- gated group norm
+
+@torch.library.custom_op(_GATED, mutates_args=())
+def _gated_forward(ys: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    return _kernels().gated_norm_fwd(ys, z, weight, bias, eps)
+
+
+@_gated_forward.register_fake
+def _(ys, z, weight, bias, eps):
+    return z.new_empty(z.shape)
+
+
+@torch.library.custom_op(_GATED + "_backward", mutates_args=())
+def _gated_backward(dout: torch.Tensor, ys: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dys, dz, dweight, dbias = _kernels().gated_norm_bwd(dout, ys, z, weight, bias, eps)
+    return dys, dz, dweight.to(weight.dtype), dbias.to(bias.dtype)
+
+
+@_gated_backward.register_fake
+def _(dout, ys, z, weight, bias, eps):
+    return torch.empty_like(ys), z.new_empty(z.shape), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _gated_setup_context(ctx, inputs, output):
+    ys, z, weight, bias, eps = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(ys, z, weight, bias)
+
+
+def _gated_backward_rule(ctx, dout):
+    ys, z, weight, bias = ctx.saved_tensors
+    dys, dz, dweight, dbias = _gated_backward(dout.contiguous(), ys, z, weight, bias, ctx.eps)
+    return dys, dz, dweight, dbias, None
+
+
+_gated_forward.register_autograd(_gated_backward_rule, setup_context=_gated_setup_context)
+
+
+def _check_gated_arguments(ys, z, weight, bias) -> None:
+    if ys.dim() < 2:
+        raise ValueError(f"ys must be (..., G, D), got shape {tuple(ys.shape)}")
+    groups, width = ys.shape[-2:]
+    if z.shape[-1] != groups * width or z.numel() != ys.numel():
+        raise ValueError(f"z must be (..., G * D) with one value for each of ys (G * D = {groups * width}), "
+                         f"got z {tuple(z.shape)} for ys {tuple(ys.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t.shape != (groups, width):
+            raise ValueError(f"{name} must be (G, D) = {(groups, width)}, got {tuple(t.shape)}")
+
+
+def gated_group_norm(ys: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                     eps: float = 1e-5) -> torch.Tensor:
+    """The fused op on CUDA tensors (needs Triton): ``ys`` ``(..., G, D)`` and ``z``
+    ``(..., G * D)`` (any shape with those values, e.g. ``(B, H, W, G * D)``; a unit
+    channel stride, as half of a wider projection's output has) -> ``z``'s shape and dtype."""
+    _check_gated_arguments(ys, z, weight, bias)
+    groups, width = ys.shape[-2:]
+    flat_z = z.reshape(-1, groups * width)  # a view for a projection's half
+    if flat_z.stride(-1) != 1:
+        flat_z = flat_z.contiguous()
+    out = _gated_forward(ys.reshape(-1, groups, width).contiguous(), flat_z, weight, bias, float(eps))
+    return out.view(z.shape)
+
+
+def gated_group_norm_reference(ys: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               eps: float = 1e-5) -> torch.Tensor:
+    """:func:`gated_group_norm` in plain PyTorch ops (any device, autograd as usual)."""
+    _check_gated_arguments(ys, z, weight, bias)
+    compute = torch.promote_types(ys.dtype, torch.float32)
+    normed = F.layer_norm(ys.to(compute), ys.shape[-1:], eps=eps)
+    affine = torch.addcmul(bias.to(compute), normed, weight.to(compute))
+    return (affine.reshape(z.shape) * F.silu(z.to(compute))).to(z.dtype)

@@ -1,0 +1,226 @@
+"""The fused LayerNorm ops of ``kernels.fused_norm``: the mixer's modulated norm and
+the grouped SS2D pipeline's gated group norm.
+
+On the CPU: the PyTorch references against the model's own computations, argument
+errors, and the Triton kernels under Triton's CPU interpreter (forward, every gradient,
+several programs per image, one-token images, channel counts that are not powers of
+two, bfloat16 inputs, a strided gate, ``opcheck`` of all four custom ops). On a GPU
+(skipped without CUDA): a GroupMambaLayer with and without the fused ops, float32 and
+bf16 autocast, eager and compiled.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import fused_norm
+from models.groupmamba import GroupMambaLayer
+from models.csms6s import SCAN_DIRECTIONS
+from models.ss2d import SS2D
+from gpu_checks import grads_under_bf16_autocast, relative_error
+from subprocesses import run_in_triton_interpreter
+
+
+def _inputs(batch=2, tokens=12, channels=8, dtype=torch.float64):
+    torch.manual_seed(0)
+    return dict(mixed=torch.randn(batch, tokens, channels, dtype=dtype), skip_scale=torch.tensor([0.8], dtype=dtype),
+                grid=torch.randn(batch, tokens, channels, dtype=dtype),
+                gate=torch.rand(batch, 1, channels, dtype=dtype), weight=torch.randn(channels, dtype=dtype),
+                bias=torch.randn(channels, dtype=dtype))
+
+
+def test_reference_is_the_products_then_layer_norm():
+    args = _inputs()
+    product = args["mixed"] * args["skip_scale"] * args["grid"] * args["gate"]
+    expected = F.layer_norm(product, (8,), args["weight"], args["bias"], 1e-6)
+    torch.testing.assert_close(fused_norm.modulated_layer_norm_reference(**args, eps=1e-6), expected, rtol=1e-12, atol=1e-12)
+    assert fused_norm.modulated_layer_norm_reference(**args, out_dtype=torch.float32).dtype == torch.float32
+
+
+def test_reference_is_what_the_mixer_computes_before_proj():
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(16, 16, scan_backend="torch").double()
+    with torch.no_grad():
+        layer.skip_scale.fill_(0.7)
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+    tokens = torch.randn(2, 3 * 5, 16, dtype=torch.float64)
+    normed = layer.norm(tokens)
+    mixed = layer.scan_groups(normed.view(2, 3, 5, 16)).reshape(2, 15, 16)
+    fused = fused_norm.modulated_layer_norm_reference(mixed, layer.skip_scale, normed, layer.channel_affinity(normed),
+                                 layer.norm.weight, layer.norm.bias, layer.norm.eps)
+    torch.testing.assert_close(layer.proj(fused), layer(tokens, 3, 5), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"grid": torch.randn(2, 12, 4)}, "mixed and grid"),
+    ({"gate": torch.rand(2, 8)}, "gate must be"),
+    ({"skip_scale": torch.ones(2)}, "skip_scale must hold one value"),
+    ({"weight": torch.ones(4)}, "weight must be"),
+    ({"bias": None}, "bias must be"),
+])
+def test_bad_arguments_raise_value_error(change, message):
+    args = _inputs(dtype=torch.float32)
+    args.update(change)
+    for fn in (fused_norm.modulated_layer_norm_reference, fused_norm.modulated_layer_norm):
+        with pytest.raises(ValueError, match=message):
+            fn(**args)
+
+
+def test_gated_reference_is_each_ss2d_output_norm_times_its_silu_gate():
+    torch.manual_seed(0)
+    scans = [SS2D(6, direction=d).double() for d in SCAN_DIRECTIONS]
+    for scan in scans:
+        with torch.no_grad():
+            scan.out_norm.weight.normal_()
+            scan.out_norm.bias.normal_()
+    ys = torch.randn(2, 3, 5, 4, 6, dtype=torch.float64)
+    z = torch.randn(2, 3, 5, 24, dtype=torch.float64)
+    expected = torch.cat([scan.out_norm(ys[..., g, :]) * F.silu(z[..., 6 * g:6 * (g + 1)])
+                          for g, scan in enumerate(scans)], -1)
+    weight = torch.stack([scan.out_norm.weight for scan in scans])
+    bias = torch.stack([scan.out_norm.bias for scan in scans])
+    got = fused_norm.gated_group_norm_reference(ys, z, weight, bias, scans[0].out_norm.eps)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"z": torch.randn(2, 3, 20)}, "z must be"),
+    ({"z": torch.randn(2, 5, 24)}, "z must be"),
+    ({"weight": torch.ones(4, 5)}, "weight must be"),
+    ({"ys": torch.randn(6)}, "ys must be"),
+])
+def test_gated_bad_arguments_raise_value_error(change, message):
+    args = {"ys": torch.randn(2, 3, 4, 6), "z": torch.randn(2, 3, 24), "weight": torch.ones(4, 6),
+            "bias": torch.zeros(4, 6)}
+    args.update(change)
+    for fn in (fused_norm.gated_group_norm_reference, fused_norm.gated_group_norm):
+        with pytest.raises(ValueError, match=message):
+            fn(**args)
+
+
+_INTERPRETER_CHECK = r"""
+import torch
+from kernels import fused_norm
+from kernels.fused_norm import triton_norm
+
+triton_norm.CONFIG.update(tile=64)  # several programs per image
+torch.manual_seed(0)
+
+def run(fn, inputs, eps, dout=None):
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    out = fn(*inputs, eps=eps, out_dtype=torch.float32)
+    dout = torch.randn_like(out) if dout is None else dout
+    out.backward(dout)
+    return [out.detach()] + [t.grad for t in inputs], dout
+
+# (B, N, C, mixed dtype, eps): C not a power of two, one-token images, a bf16 input as the
+# model's; a large eps makes skip_scale's gradient more than rounding noise (the
+# LayerNorm undoes any scale but for eps)
+worst = 0.0
+for B, N, C, dtype, eps in [(2, 37, 24, torch.float32, 0.5), (3, 1, 20, torch.float32, 0.5),
+                            (2, 50, 12, torch.float32, 1e-5), (1, 130, 6, torch.bfloat16, 0.5)]:
+    inputs = [torch.randn(B, N, C).to(dtype), torch.tensor([0.7]), torch.randn(B, N, C), torch.rand(B, 1, C),
+              torch.randn(C), torch.randn(C)]
+    ref, dout = run(fused_norm.modulated_layer_norm_reference, inputs, eps)
+    got, _ = run(fused_norm.modulated_layer_norm, inputs, eps, dout)
+    for index, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
+        # d mixed of a bf16 input: one bf16 rounding apart; d skip_scale at eps 1e-5: cancellation
+        limit = 1e-2 if a.dtype == torch.bfloat16 else (1e-3 if index == 2 and eps < 1e-3 else 1e-5)
+        assert error < limit, (B, N, C, index, error)
+        worst = max(worst, error if limit == 1e-5 else 0.0)
+
+args = [torch.randn(2, 5, 6), torch.tensor([0.9]), torch.randn(2, 5, 6), torch.rand(2, 1, 6), torch.randn(6),
+        torch.randn(6)]
+torch.library.opcheck(torch.ops.groupmamba_norm.modulated_layer_norm.default,
+                      [t.clone().requires_grad_() for t in args] + [1e-5, torch.float32])
+torch.library.opcheck(torch.ops.groupmamba_norm.modulated_layer_norm_backward.default,
+                      [torch.randn(2, 5, 6)] + args[:5] + [1e-5])
+
+# the gated group norm: (tokens, G, D, z dtype, strided z), D not a power of two (the
+# released stage 3 has 87), several programs, z as the second half of a wider tensor
+for T, G, D, dtype, strided in [(37, 4, 7, torch.float32, True), (5, 2, 16, torch.float32, False),
+                                 (70, 4, 3, torch.bfloat16, True)]:
+    ys, weight, bias = torch.randn(T, G, D), torch.randn(G, D), torch.randn(G, D)
+    wide = torch.randn(T, 2 * G * D).to(dtype)
+    z = wide[:, G * D:] if strided else wide[:, :G * D].contiguous()
+    results = []
+    for fn in (fused_norm.gated_group_norm_reference, fused_norm.gated_group_norm):
+        leaves = [t.detach().clone().requires_grad_() for t in (ys, wide, weight, bias)]
+        zz = leaves[1][:, G * D:] if strided else leaves[1][:, :G * D].contiguous()
+        out = fn(leaves[0], zz, leaves[2], leaves[3], 1e-5)
+        torch.manual_seed(1)
+        out.backward(torch.randn(out.shape).to(out.dtype))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for index, (a, b) in enumerate(zip(results[1], results[0])):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
+        limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert error < limit, (T, G, D, index, error)
+        worst = max(worst, error if limit == 1e-5 else 0.0)
+
+ys, z, weight, bias = torch.randn(6, 2, 5), torch.randn(6, 20)[:, 10:], torch.randn(2, 5), torch.randn(2, 5)
+torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm.default,
+                      (ys.requires_grad_(), z, weight.requires_grad_(), bias, 1e-5))
+torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm_backward.default,
+                      (torch.randn(6, 10), ys.detach(), z, weight.detach(), bias, 1e-5))
+print("WORST", worst)
+"""
+
+
+@pytest.mark.skipif(not fused_norm.HAS_TRITON, reason="triton is not installed")
+def test_triton_kernels_in_interpreter():
+    run_in_triton_interpreter(_INTERPRETER_CHECK)
+
+
+# --------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_norm.HAS_TRITON),
+                                reason="needs a CUDA GPU and Triton")
+
+
+def _layer(channels: int) -> GroupMambaLayer:
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(channels, channels, scan_backend="auto").cuda()
+    with torch.no_grad():
+        layer.skip_scale.fill_(0.9)
+        layer.norm.weight.normal_(1.0, 0.1)
+        layer.norm.bias.normal_(0.0, 0.1)
+    return layer
+
+
+@needs_cuda
+@pytest.mark.parametrize("height, width", [(14, 14), (1, 1)])
+def test_fused_layer_matches_unfused_in_float32(height, width):
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    layer = _layer(64)
+    x = torch.randn(3, height * width, 64, device="cuda")
+    results = []
+    for fused in (True, False):
+        layer.low_memory = fused
+        layer.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        out = layer(xx, height, width)
+        out.square().mean().backward()
+        results.append((out, xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
+    assert relative_error(out_f, out_u) < 1e-5 and relative_error(dx_f, dx_u) < 1e-4
+    for name in g_u:
+        # skip_scale's gradient is the LayerNorm's eps effect plus rounding noise
+        assert relative_error(g_f[name], g_u[name]) < (1e-1 if name == "skip_scale" else 1e-4), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_fused_layer_matches_unfused_under_bf16_autocast(compiled):
+    layer = _layer(128)
+    x = torch.randn(4, 14 * 14, 128, device="cuda")
+    layer.low_memory = True
+    out_f, dx_f, g_f = grads_under_bf16_autocast(layer, x, compiled)
+    layer.low_memory = False
+    out_u, dx_u, g_u = grads_under_bf16_autocast(layer, x)
+    assert out_f.dtype == out_u.dtype
+    assert relative_error(out_f, out_u) < 1e-2 and relative_error(dx_f, dx_u) < 2e-2
+    for name in g_u:
+        assert relative_error(g_f[name], g_u[name]) < (0.5 if name == "skip_scale" else 3e-2), name
