@@ -26,20 +26,12 @@ everything accumulates in float32.
   and the per-program partial sums added up on the host (deterministic, no
   atomics).
 """
-import os
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels import load_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(f"the fused depth-wise conv needs the 'triton' package ({exc})") from exc
-
-if not _INTERPRET and not torch.cuda.is_available():
-    raise ImportError("the fused depth-wise conv needs a CUDA GPU (torch.cuda.is_available() is False)")
+triton, tl = load_triton("the fused depth-wise conv")
 
 __all__ = ["ACTIVATIONS", "dwconv_act_fwd", "dwconv_act_bwd_pre", "dwconv_bwd_input_weight"]
 

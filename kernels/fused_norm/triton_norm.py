@@ -25,20 +25,12 @@ the program. Everything is computed in float32.
   parameters', the modulated norm's gate per image) are written as one row of partial
   sums per program and added up on the host (deterministic, no atomics).
 """
-import os
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels import load_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(f"the fused LayerNorms need the 'triton' package ({exc})") from exc
-
-if not _INTERPRET and not torch.cuda.is_available():
-    raise ImportError("the fused LayerNorms need a CUDA GPU (torch.cuda.is_available() is False)")
+triton, tl = load_triton("the fused LayerNorms")
 
 __all__ = ["modulated_norm_fwd", "modulated_norm_bwd", "gated_norm_fwd", "gated_norm_bwd", "CONFIG"]
 
@@ -50,25 +42,6 @@ CONFIG = {"tile": 4096, "warps": 8}
 
 
 @triton.jit
-def _load_tile(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, batch, chunk, N, C,
-               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tokens: offsets, masks, the inputs as float32 and the product p."""
-    rows = chunk * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    row_ok = rows < N
-    col_ok = cols < C
-    mask = row_ok[:, None] & col_ok[None, :]
-    offsets = (batch * N + rows).to(tl.int64)[:, None] * C + cols[None, :]
-    mixed = tl.load(mixed_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    grid = tl.load(grid_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    gate = tl.load(gate_ptr + batch * C + cols, mask=col_ok, other=0.0).to(tl.float32)
-    scale = tl.load(scale_ptr).to(tl.float32)
-    # the model's order of products: ((mixed * skip_scale) * grid) * gate
-    product = mixed * scale * grid * gate[None, :]
-    return offsets, mask, cols, col_ok, mixed, grid, gate, scale, product
-
-
-@triton.jit
 def _normalise(product, mask, C, eps):
     mean = tl.sum(product, axis=1) / C
     centred = tl.where(mask, product - mean[:, None], 0.0)
@@ -77,14 +50,31 @@ def _normalise(product, mask, C, eps):
 
 
 @triton.jit
+def _load_tile(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps,
+               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tokens (``ROWS`` of image ``program_id(0)``): offsets, masks, the
+    inputs as float32, the product normalised and its rstd, the norm's weight."""
+    batch = tl.program_id(0)
+    rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    mask = (rows < N)[:, None] & col_ok[None, :]
+    offsets = (batch * N + rows).to(tl.int64)[:, None] * C + cols[None, :]
+    mixed = tl.load(mixed_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    grid = tl.load(grid_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    gate = tl.load(gate_ptr + batch * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr).to(tl.float32)
+    # the model's order of products: ((mixed * skip_scale) * grid) * gate
+    normed, rstd = _normalise(mixed * scale * grid * gate[None, :], mask, C, eps)
+    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return offsets, mask, cols, col_ok, mixed, grid, gate, scale, normed, rstd, weight
+
+
+@triton.jit
 def _modulated_norm_fwd_kernel(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, bias_ptr, out_ptr,
                                N, C, eps, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    batch = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offsets, mask, cols, col_ok, _, _, _, _, product = _load_tile(
-        mixed_ptr, grid_ptr, gate_ptr, scale_ptr, batch, chunk, N, C, ROWS, BLOCK_C)
-    normed, _ = _normalise(product, mask, C, eps)
-    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    offsets, mask, cols, col_ok, _, _, _, _, normed, _, weight = _load_tile(
+        mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps, ROWS, BLOCK_C)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     out = normed * weight[None, :] + bias[None, :]
     tl.store(out_ptr + offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -92,14 +82,10 @@ def _modulated_norm_fwd_kernel(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_
 
 @triton.jit
 def _modulated_norm_bwd_kernel(dout_ptr, mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr,
-                               dmixed_ptr, dgrid_ptr, part_ptr, N, C, eps, chunks,
+                               dmixed_ptr, dgrid_ptr, part_ptr, N, C, eps,
                                ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    batch = tl.program_id(0)
-    chunk = tl.program_id(1)
-    offsets, mask, cols, col_ok, mixed, grid, gate, scale, product = _load_tile(
-        mixed_ptr, grid_ptr, gate_ptr, scale_ptr, batch, chunk, N, C, ROWS, BLOCK_C)
-    normed, rstd = _normalise(product, mask, C, eps)
-    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    offsets, mask, cols, col_ok, mixed, grid, gate, scale, normed, rstd, weight = _load_tile(
+        mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps, ROWS, BLOCK_C)
     dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     # LayerNorm backward: dp = rstd * (dn - mean(dn) - n * mean(dn * n)), dn = dout * weight
@@ -116,7 +102,7 @@ def _modulated_norm_bwd_kernel(dout_ptr, mixed_ptr, grid_ptr, gate_ptr, scale_pt
     # per-program partial sums over the tokens, a row of 4 x BLOCK_C floats:
     # d gate, d weight, d bias, d skip_scale (first column of the last)
     through = tl.sum(dproduct * mixed * grid, axis=0)  # d p / d (skip_scale * gate), summed
-    row = part_ptr + (batch * chunks + chunk).to(tl.int64) * (4 * BLOCK_C)
+    row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (4 * BLOCK_C)
     tl.store(row + cols, through * scale, mask=col_ok)
     tl.store(row + BLOCK_C + cols, tl.sum(dout * normed, axis=0), mask=col_ok)
     tl.store(row + 2 * BLOCK_C + cols, tl.sum(dout, axis=0), mask=col_ok)
@@ -209,7 +195,7 @@ def modulated_norm_bwd(dout, mixed, grid, gate, skip_scale, weight, eps: float):
     dgrid = torch.empty_like(grid)
     parts = torch.empty((B, chunks, 4 * block_c), dtype=torch.float32, device=mixed.device)
     _modulated_norm_bwd_kernel[(B, chunks)](
-        dout, mixed, grid, gate, skip_scale, weight, dmixed, dgrid, parts, N, C, eps, chunks,
+        dout, mixed, grid, gate, skip_scale, weight, dmixed, dgrid, parts, N, C, eps,
         ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
     parts = parts.view(B, chunks, 4, block_c)  # the last row's block_c - 1 tail is unused
     dgate = parts[:, :, 0, :C].sum(1)

@@ -30,20 +30,12 @@ tile transposed (steps along axis 0):
   ``ddelta_bias`` are summed over the steps in registers and written per batch
   element; the host adds those partial sums (deterministic).
 """
-import os
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels import load_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(f"the channels-last scan needs the 'triton' package ({exc})") from exc
-
-if not _INTERPRET and not torch.cuda.is_available():
-    raise ImportError("the channels-last scan needs a CUDA GPU (torch.cuda.is_available() is False)")
+triton, tl = load_triton("the channels-last scan")
 
 from kernels.selective_scan.triton_math import lin_combine as _lin_combine, softplus as _softplus  # noqa: E402
 

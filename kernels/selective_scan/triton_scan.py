@@ -23,22 +23,13 @@ Algorithm (one program = ``CPB`` channels of one batch element, all ``N`` states
 
 See ``_ops.scan_bwd_explicit`` for the gradient formulas written out in PyTorch.
 """
-import os
 from typing import NamedTuple, Optional
 
 import torch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from kernels import interpreting, load_triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as exc:  # pragma: no cover - depends on the machine
-    raise ImportError(f"the Triton scan backend needs the 'triton' package ({exc})") from exc
-
-if not _INTERPRET and not torch.cuda.is_available():
-    raise ImportError("the Triton scan backend needs a CUDA GPU, and torch.cuda.is_available() "
-                      "is False (set TRITON_INTERPRET=1 to run its kernels on CPU for testing)")
+triton, tl = load_triton("the Triton scan backend")
 
 from ._ops import define_scan_op, output_dtype  # noqa: E402
 
@@ -306,18 +297,21 @@ def _pick(length: int, n_state: int, channels: int, max_block: int, per_thread: 
     return ScanConfig(cpb, block_l, num_warps)
 
 
+# the longest chunk of steps one program scans (module-level so that a benchmark can
+# change it): forward; backward, on rows of 2048 steps or more and on shorter rows
+CONFIG = {"fwd_block": 1024, "bwd_block_long_rows": 512, "bwd_block": 1024}
+
+
 def fwd_config(length: int, n_state: int, dim: int) -> ScanConfig:
     """Forward: chunks of up to 1024 steps, 8 elements a thread (best on an H200 at
     every GroupMamba stage shape, bench/bench_scan.py --sweep)."""
-    max_block = int(os.environ.get("GROUPMAMBA_TRITON_FWD_BLOCK", "1024"))
-    return _pick(length, n_state, dim, max_block, 8, 4)
+    return _pick(length, n_state, dim, CONFIG["fwd_block"], 8, 4)
 
 
 def bwd_config(length: int, n_state: int, per_group: int) -> ScanConfig:
     """Backward: 4 elements a thread (it keeps ~15 tiles live); chunks of 512 steps on
     long rows, up to 1024 otherwise; at most 2 channels a program (H200 sweep)."""
-    default = "512" if length >= 2048 else "1024"
-    max_block = int(os.environ.get("GROUPMAMBA_TRITON_BWD_BLOCK", default))
+    max_block = CONFIG["bwd_block_long_rows"] if length >= 2048 else CONFIG["bwd_block"]
     return _pick(length, n_state, per_group, max_block, 4, 2)
 
 
@@ -402,4 +396,4 @@ def _bwd(dout, u, delta, A, B, C, D, delta_bias, delta_softplus,
 
 
 selective_scan_triton = define_scan_op(
-    "triton", _fwd, _bwd, device_types=None if _INTERPRET else "cuda")
+    "triton", _fwd, _bwd, device_types=None if interpreting() else "cuda")
