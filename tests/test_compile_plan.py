@@ -51,9 +51,12 @@ def test_compile_auto_compiles_runs_long_enough_to_win_back_the_compile_time():
     assert cost == COMPILE_SECONDS["warm"] < COMPILE_SECONDS["cold"]
     assert decide_compile(plan, "groupmamba_tiny", CUDA, 224, 20_000, None, warm).compile == (compiled_s < eager_s)
     # a time limit caps the run at what eager training finishes in it
-    eager_s, _, _ = compile_estimate(plan, "groupmamba_tiny", 192, 10**9, 300.0, "cold")
+    eager_s, compiled_s, _ = compile_estimate(plan, "groupmamba_tiny", 192, 10**9, 300.0, "cold")
     assert eager_s == pytest.approx(300.0)
-    assert decide_compile(plan, "groupmamba_tiny", CUDA, 192, 10**9, 300.0, cold).compile
+    # --preset fast in 300 s with a cold cache: compiling would not pay for itself
+    assert compiled_s > eager_s
+    assert decide_compile(plan, "groupmamba_tiny", CUDA, 192, 10**9, 300.0, cold).compile is False
+    assert decide_compile(plan, "groupmamba_tiny", CUDA, 192, 10**9, 300.0, warm).compile
 
 
 def test_compile_auto_stays_off_where_there_is_nothing_to_estimate():

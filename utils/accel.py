@@ -134,15 +134,16 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
 # What compiling costs and saves for a GroupMamba (bench/RESULTS.md): seconds spent
 # compiling groupmamba_tiny's training and validation graphs on an H100, by the state of
 # the compile cache (2026-12-07: 106 + 47 s cold, 14 + 5 s warm, 25 + 10 s from
-# artifacts), and its training seconds per image at 224 px, bf16, keyed by (compiled,
-# CUDA graph): 592 img/s eager and 1,583 compiled with a CUDA graph at batch 128 on an H100
-# (2026-12-06); eager with a CUDA graph 1,021 img/s at 192 px, batch 64 (H100, 2026-12-07:
-# 750 at 224 px); compiled code without a CUDA graph about 700 img/s (H200, 2026-11-28).
-# Other sizes and models are scaled by pixels and by MODEL_COST; a slower GPU saves more
-# per image, so the estimate errs towards eager.
+# artifacts; later cold runs took 79-140 s), and its training seconds per image, keyed by
+# (compiled, CUDA graph): train.py's own loop (--preset fast: 192 px, batch 64, bf16,
+# GPU-resident data, Mixup, EMA) on an H100, 2026-12-07: 412 img/s eager, 916 eager with a
+# CUDA graph, 449 compiled without one, 1,683 compiled with one; stored here scaled to
+# 224 px. Other sizes and models are scaled by pixels and by MODEL_COST; a slower GPU
+# saves more per image, so the estimate errs towards eager.
 COMPILE_SECONDS = {"cold": 153.0, "warm": 19.0, "artifacts": 34.0}
-SECONDS_PER_IMAGE_224 = {(False, False): 1 / 592, (False, True): 1 / 750, (True, False): 1 / 700,
-                         (True, True): 1 / 1583}
+_AT_192 = (192 / 224) ** 2
+SECONDS_PER_IMAGE_224 = {(False, False): 1 / (412 * _AT_192), (False, True): 1 / (916 * _AT_192),
+                         (True, False): 1 / (449 * _AT_192), (True, True): 1 / (1683 * _AT_192)}
 # training time per image against tiny's (H200: 1,805 / 1,398 / 897 img/s, 2026-11-29)
 MODEL_COST = {"groupmamba_tiny": 1.0, "groupmamba_small": 1.29, "groupmamba_base": 2.01}
 VALIDATION_COST = 0.3  # an inference image against a training one (H100: 5,462 against 1,583 img/s)
