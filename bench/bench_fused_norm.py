@@ -4,7 +4,8 @@
     python bench/bench_fused_norm.py --json bench/results/bench_fused_norm_h100.json
 
 For each stage of groupmamba_tiny (tokens N, channels C; the gated norm's groups of
-D = C / 4) and each op, the forward and the forward + backward are timed three ways:
+D = C / 4) and each op (the modulated, gated and residual norms), the forward and the
+forward + backward are timed three ways:
 
 - ``fused``: the Triton kernels (the backward recomputes the products);
 - ``eager``: the model's unfused PyTorch ops under autocast, as an eager run does them;
@@ -34,6 +35,7 @@ GROUPS = 4
 # bytes per element of the traffic floor: forward, forward + backward
 MODULATED_BYTES = (2 + 4 + 2, (2 + 4 + 2) + (2 + 2 + 4 + 2 + 4))  # mixed bf16, grid f32, out bf16
 GATED_BYTES = (4 + 2 + 2, (4 + 2 + 2) + (2 + 4 + 2 + 4 + 2))  # ys f32, z bf16, out bf16
+RESIDUAL_BYTES = (4 + 2 + 4 + 2, (4 + 2 + 4 + 2) + (4 + 2 + 4 + 4 + 2))  # x f32, branch bf16, total f32, out bf16
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -63,6 +65,16 @@ def gated_fused(ys, z, weight, bias):
     return fused_norm.gated_group_norm(ys, z, weight, bias, 1e-5)
 
 
+def residual_unfused(x, branch, keep, weight, bias):
+    # GroupMambaBlock: stochastic depth on the bf16 branch, the float32 residual sum, norm2
+    total = x + branch * keep.view(-1, 1, 1).to(branch.dtype)
+    return total, F.layer_norm(total, weight.shape, weight, bias).to(torch.bfloat16)
+
+
+def residual_fused(x, branch, keep, weight, bias):
+    return fused_norm.residual_layer_norm(x, branch, keep, weight, bias, 1e-5, torch.bfloat16)
+
+
 def modulated_inputs(batch, tokens, channels):
     gen = torch.Generator(device="cuda").manual_seed(0)
     rand = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
@@ -80,27 +92,38 @@ def gated_inputs(batch, tokens, channels):
             0.1 * torch.randn(GROUPS, width, device="cuda", generator=gen)]
 
 
-def time_ms(fn, inputs, backward: bool) -> float:
+def residual_inputs(batch, tokens, channels):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
+    keep = (torch.rand(batch, device="cuda", generator=gen) > 0.1) / 0.9
+    return [rand(batch, tokens, channels), rand(batch, tokens, channels).to(torch.bfloat16), keep,
+            1.0 + 0.1 * rand(channels), 0.1 * rand(channels)]
+
+
+def time_ms(fn, inputs, backward: bool, constants=()) -> float:
+    """Median ms of ``fn(*inputs)`` (and its backward to every input not in ``constants``)."""
     from triton.testing import do_bench  # noqa: PLC0415 - GPU only
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) if backward and t.is_leaf else t for t in inputs]
-    out = fn(*leaves)
-    dout = torch.randn_like(out)
+    leaves = [t.detach().requires_grad_(backward and index not in constants) for index, t in enumerate(inputs)]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    douts = [torch.randn_like(o) for o in outs]
 
     def run():
         result = fn(*leaves)
         if backward:
-            torch.autograd.grad(result, [t for t in leaves if t.requires_grad], dout)
+            torch.autograd.grad(result, [t for t in leaves if t.requires_grad], douts)
     return do_bench(run, warmup=25, rep=100)
 
 
 def bench_op(name, unfused, fused, make_inputs, bytes_per_element, batch, tokens, channels) -> list[dict]:
     inputs = make_inputs(batch, tokens, channels)
+    constants = (2,) if name == "residual" else ()  # stochastic depth's factors take no gradient
     elements = batch * tokens * channels
     compiled = torch.compile(unfused)
     rows = []
     for backward, bytes_each in zip((False, True), bytes_per_element):
         for way, fn in (("fused", fused), ("eager", unfused), ("compiled", compiled)):
-            ms = time_ms(fn, inputs, backward)
+            ms = time_ms(fn, inputs, backward, constants)
             rows.append({"op": name, "pass": "forward+backward" if backward else "forward", "way": way,
                          "batch": batch, "tokens": tokens, "channels": channels, "ms": round(ms, 4),
                          "tb_s": round(elements * bytes_each / ms / 1e9, 3)})
@@ -115,7 +138,8 @@ def main(argv=None) -> int:
     for stage in args.stages:
         tokens, channels = STAGES[stage]
         for op in (("modulated", modulated_unfused, modulated_fused, modulated_inputs, MODULATED_BYTES),
-                   ("gated", gated_unfused, gated_fused, gated_inputs, GATED_BYTES)):
+                   ("gated", gated_unfused, gated_fused, gated_inputs, GATED_BYTES),
+                   ("residual", residual_unfused, residual_fused, residual_inputs, RESIDUAL_BYTES)):
             for row in bench_op(*op, args.batch, tokens, channels):
                 rows.append({"stage": stage, **row})
                 print(json.dumps(rows[-1]), flush=True)

@@ -92,6 +92,17 @@ class ConvMlp(nn.Module):
         return self.fc2(x)
 
 
+def _activation_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes ``x`` in: autocast's on CUDA, else ``x``'s own
+    (what a fused op writes for a projection to read without another cast)."""
+    return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+
+
+def _is_affine_layer_norm(norm: nn.Module) -> bool:
+    return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
+            and norm.weight is not None and norm.bias is not None)
+
+
 class GroupMambaLayer(nn.Module):
     """The token mixer: four SS2D scans on four channel quarters, gated by channel affinity.
 
@@ -156,10 +167,9 @@ class GroupMambaLayer(nn.Module):
         mixed = self.scan_groups(grid).view(batch, tokens, channels)
         if self.low_memory and x.is_cuda and fused_norm.HAS_TRITON:
             # the products and the LayerNorm in one kernel, written in the dtype the
-            # projection reads; its backward recomputes the products
-            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            # projection computes in; its backward recomputes the products
             return self.proj(fused_norm.modulated_layer_norm(mixed, self.skip_scale, x, gate, self.norm.weight,
-                                                             self.norm.bias, self.norm.eps, out_dtype))
+                                                             self.norm.bias, self.norm.eps, _activation_dtype(x)))
         # the release's order of products; folding skip_scale into the gate first saves
         # one full-size multiply but measurably loses float32 accuracy in skip_scale's gradient
         return self.proj(self.norm(mixed * self.skip_scale * x * gate))
@@ -181,14 +191,20 @@ class StochasticDepth(nn.Module):
         self.register_buffer("rate", torch.tensor(float(rate)), persistent=False)
         self._rate_value = float(rate)  # for the eager shortcut and repr; compiled code reads the buffer
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def keep_factors(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Float32 ``(B,)``: 0 for a dropped sample, ``1 / (1 - rate)`` for a kept one;
+        None where nothing is dropped (evaluation, rate 0)."""
         # is_compiling() first: a compiled graph must not guard on the per-block float
         if not self.training or (not torch.compiler.is_compiling() and self._rate_value == 0.0):
-            return x
+            return None
         keep = 1.0 - self.rate
-        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
-        mask = torch.rand(shape, device=x.device, dtype=torch.float32) < keep
-        return x * (mask / keep).to(x.dtype)
+        return (torch.rand((x.shape[0],), device=x.device, dtype=torch.float32) < keep) / keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        factors = self.keep_factors(x)
+        if factors is None:
+            return x
+        return x * factors.view((-1,) + (1,) * (x.dim() - 1)).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"rate={self._rate_value:.3f}"
@@ -205,10 +221,19 @@ class GroupMambaBlock(nn.Module):
         self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, low_memory=low_memory)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), low_memory=low_memory)
         self.drop_path = StochasticDepth(drop_path)
+        # on CUDA, the residual sum and norm2 as one fused op (kernels.fused_norm)
+        self.low_memory = low_memory
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(x, height, width))
-        return x + self.drop_path(self.mlp(self.norm2(x), height, width))
+        branch = self.attn(x, height, width)
+        norm = self.norm2
+        if self.low_memory and x.is_cuda and fused_norm.HAS_TRITON and _is_affine_layer_norm(norm):
+            x, normed = fused_norm.residual_layer_norm(x, branch, self.drop_path.keep_factors(branch), norm.weight,
+                                                       norm.bias, norm.eps, _activation_dtype(x))
+        else:
+            x = x + self.drop_path(branch)
+            normed = norm(x)
+        return x + self.drop_path(self.mlp(normed, height, width))
 
 
 class ClassBlock(nn.Module):
@@ -332,9 +357,10 @@ class GroupMamba(nn.Module):
             with Triton, the pure-PyTorch scan on the CPU), ``"grid"``, ``"triton"``,
             ``"cuda"`` or ``"torch"``.
         low_memory: on CUDA with Triton, run the depth-wise convs with their activation
-            (and the feed-forward's fc2), and each mixer's products with its LayerNorm, as
-            fused kernels whose backward recomputes what they skip keeping: the same
-            numerics, about a third less activation memory (``bench/RESULTS.md``).
+            (and the feed-forward's fc2), the LayerNorms with the work around them (each
+            mixer's products, its scans' output gates, each block's residual sum) as fused
+            kernels whose backward recomputes what they skip keeping: the same numerics,
+            about a third less activation memory (``bench/RESULTS.md``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,

@@ -18,3 +18,45 @@ def grads_under_bf16_autocast(module, x: torch.Tensor, compiled: bool = False, h
         out = run(x, height, width)
     out.float().square().mean().backward()
     return out.float(), x.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+def set_low_memory(module, on: bool) -> None:
+    """Switch the fused (low-memory) path of ``module`` and every submodule that has one."""
+    for submodule in module.modules():
+        if hasattr(submodule, "low_memory"):
+            submodule.low_memory = on
+
+
+def fused_and_unfused_in_float32(module, x: torch.Tensor, *args, seed=None):
+    """``[(output, dx, {parameter: gradient})]`` of ``module(x, *args)`` with the fused
+    path, then without, in float32 (TF32 off), the loss the mean square of the output;
+    ``seed`` reseeds before each forward (the same samples dropped by stochastic depth)."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    results = []
+    for fused in (True, False):
+        set_low_memory(module, fused)
+        module.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = module(xx, *args)
+        out.square().mean().backward()
+        results.append((out, xx.grad, {name: p.grad.clone() for name, p in module.named_parameters()}))
+    return results
+
+
+# A LayerNorm right after a scale leaves the scale almost no gradient (the norm undoes
+# any scale but for its eps): what is left is mostly rounding noise, which a fused
+# kernel sums in another order, so it is compared on the scale of the other gradients.
+SCALE_INVARIANT = ("skip_scale",)
+
+
+def assert_grads_close(fused: dict, unfused: dict, rtol: float) -> None:
+    """Each gradient within ``rtol`` (relative); a scale-invariant parameter's within
+    ``rtol`` of the largest gradient's norm."""
+    largest = max(g.float().norm().item() for g in unfused.values())
+    for name, expected in unfused.items():
+        if name.rsplit(".", 1)[-1] in SCALE_INVARIANT:
+            assert (fused[name].float() - expected.float()).norm().item() <= rtol * largest, name
+        else:
+            assert relative_error(fused[name], expected) < rtol, name

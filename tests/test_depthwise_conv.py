@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from kernels import depthwise_conv
 from models.groupmamba import ConvMlp, GroupMambaBlock
-from gpu_checks import grads_under_bf16_autocast, relative_error
+from gpu_checks import (assert_grads_close, fused_and_unfused_in_float32, grads_under_bf16_autocast,
+                        relative_error, set_low_memory)
 from subprocesses import run_in_triton_interpreter
 
 def test_reference_equals_the_unfused_feed_forward():
@@ -121,32 +122,19 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()
 
 
 def _block_grads(block, x, fused: bool, compiled: bool = False):
-    for module in block.modules():
-        if hasattr(module, "low_memory"):
-            module.low_memory = fused
+    set_low_memory(block, fused)
     return grads_under_bf16_autocast(block, x, compiled)
 
 
 @needs_cuda
 def test_fused_block_matches_unfused_in_float32():
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     block = GroupMambaBlock(64, 4, scan_backend="torch").cuda()
     x = torch.randn(2, 14 * 14, 64, device="cuda")
-    results = []
-    for fused in (True, False):
-        for module in block.modules():
-            if hasattr(module, "low_memory"):
-                module.low_memory = fused
-        block.zero_grad(set_to_none=True)
-        xx = x.clone().requires_grad_()
-        out = block(xx, 14, 14)
-        out.square().mean().backward()
-        results.append((out, xx.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    results = fused_and_unfused_in_float32(block, x, 14, 14)
     (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
     assert relative_error(out_f, out_u) < 1e-5 and relative_error(dx_f, dx_u) < 1e-5
-    for name in g_u:
-        assert relative_error(g_f[name], g_u[name]) < 1e-4, name
+    assert_grads_close(g_f, g_u, 1e-4)
 
 
 @needs_cuda
@@ -159,8 +147,7 @@ def test_fused_block_matches_unfused_under_bf16_autocast(compiled):
     out_u, dx_u, g_u = _block_grads(block, x, fused=False)
     # bf16 rounding of the unfused conv output (the fused kernel keeps it in float32)
     assert relative_error(out_f, out_u) < 1e-2 and relative_error(dx_f, dx_u) < 2e-2
-    for name in g_u:
-        assert relative_error(g_f[name], g_u[name]) < 3e-2, name
+    assert_grads_close(g_f, g_u, 3e-2)
 
 
 def test_low_memory_leaves_cpu_results_unchanged():

@@ -1,22 +1,22 @@
-"""The fused LayerNorm ops of ``kernels.fused_norm``: the mixer's modulated norm and
-the grouped SS2D pipeline's gated group norm.
+"""The fused LayerNorm ops of ``kernels.fused_norm``: the mixer's modulated norm, the
+grouped SS2D pipeline's gated group norm and the block's residual norm.
 
 On the CPU: the PyTorch references against the model's own computations, argument
 errors, and the Triton kernels under Triton's CPU interpreter (forward, every gradient,
 several programs per image, one-token images, channel counts that are not powers of
-two, bfloat16 inputs, a strided gate, ``opcheck`` of all four custom ops). On a GPU
-(skipped without CUDA): a GroupMambaLayer with and without the fused ops, float32 and
-bf16 autocast, eager and compiled.
+two, bfloat16 inputs, a strided gate, stochastic depth, ``opcheck`` of all six custom
+ops). On a GPU (skipped without CUDA): a GroupMambaLayer and a GroupMambaBlock with and
+without the fused ops, float32 and bf16 autocast, eager and compiled.
 """
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kernels import fused_norm
-from models.groupmamba import GroupMambaLayer
+from models.groupmamba import GroupMambaBlock, GroupMambaLayer
 from models.csms6s import SCAN_DIRECTIONS
 from models.ss2d import SS2D
-from gpu_checks import grads_under_bf16_autocast, relative_error
+from gpu_checks import assert_grads_close, fused_and_unfused_in_float32, grads_under_bf16_autocast, relative_error
 from subprocesses import run_in_triton_interpreter
 
 
@@ -98,6 +98,34 @@ def test_gated_bad_arguments_raise_value_error(change, message):
             fn(**args)
 
 
+def test_residual_reference_is_the_block_s_residual_sum_and_norm2():
+    torch.manual_seed(0)
+    block = GroupMambaBlock(32, 2, drop_path=0.5).double().train()
+    with torch.no_grad():
+        block.norm2.weight.normal_()
+        block.norm2.bias.normal_()
+    x, branch = torch.randn(6, 10, 32, dtype=torch.float64), torch.randn(6, 10, 32, dtype=torch.float64)
+    torch.manual_seed(1)
+    expected_total = x + block.drop_path(branch)
+    torch.manual_seed(1)
+    keep = block.drop_path.keep_factors(branch)
+    assert keep is not None and set(keep.tolist()) <= {0.0, 2.0}
+    total, out = fused_norm.residual_layer_norm_reference(x, branch, keep, block.norm2.weight, block.norm2.bias,
+                                                          block.norm2.eps)
+    torch.testing.assert_close(total, expected_total, rtol=0, atol=0)
+    torch.testing.assert_close(out, block.norm2(expected_total), rtol=0, atol=0)
+    assert block.eval().drop_path.keep_factors(branch) is None
+
+
+def test_residual_bad_arguments_raise_value_error():
+    x = torch.randn(2, 3, 4)
+    for fn in (fused_norm.residual_layer_norm_reference, fused_norm.residual_layer_norm):
+        with pytest.raises(ValueError, match="keep must be"):
+            fn(x, x, torch.ones(3), torch.ones(4), torch.zeros(4))
+        with pytest.raises(ValueError, match="x and branch"):
+            fn(x, x[:, :2], None, torch.ones(4), torch.zeros(4))
+
+
 _INTERPRETER_CHECK = r"""
 import torch
 from kernels import fused_norm
@@ -165,6 +193,39 @@ torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm.default,
                       (ys.requires_grad_(), z, weight.requires_grad_(), bias, 1e-5))
 torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm_backward.default,
                       (torch.randn(6, 10), ys.detach(), z, weight.detach(), bias, 1e-5))
+
+# the residual norm: (B, N, C, branch dtype, stochastic depth), both outputs in the loss
+for B, N, C, dtype, drop in [(2, 37, 24, torch.float32, True), (3, 1, 20, torch.float32, False),
+                             (2, 13, 6, torch.bfloat16, True)]:
+    x, branch, weight, bias = torch.randn(B, N, C), torch.randn(B, N, C).to(dtype), torch.randn(C), torch.randn(C)
+    keep = torch.tensor([0.0, 2.0, 2.0])[:B] if drop else None
+    dtotal, dout = torch.randn(B, N, C), torch.randn(B, N, C)
+    results = []
+    for fn in (fused_norm.residual_layer_norm_reference, fused_norm.residual_layer_norm):
+        leaves = [t.clone().requires_grad_() for t in (x, branch, weight, bias)]
+        total, out = fn(leaves[0], leaves[1], keep, leaves[2], leaves[3], 1e-6)
+        torch.autograd.backward([total, out], [dtotal, dout])
+        results.append([total.detach(), out.detach()] + [t.grad for t in leaves])
+    for index, (a, b) in enumerate(zip(results[1], results[0])):
+        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
+        # a bf16 branch: the reference scales it in bf16 (as the model's stochastic depth)
+        limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert error < limit, (B, N, C, index, error)
+        worst = max(worst, error if limit == 1e-5 else 0.0)
+# one output unused: its gradient is None in the backward rule
+leaf = x.clone().requires_grad_()
+fused_norm.residual_layer_norm(leaf, branch, keep, weight, bias)[1].float().sum().backward()
+assert leaf.grad is not None
+
+x, branch, weight, bias = torch.randn(2, 5, 6), torch.randn(2, 5, 6), torch.randn(6), torch.randn(6)
+for keep in (None, torch.tensor([0.0, 2.0])):
+    torch.library.opcheck(torch.ops.groupmamba_norm.residual_layer_norm.default,
+                          (x.requires_grad_(), branch.requires_grad_(), keep, weight.requires_grad_(), bias,
+                           1e-5, torch.float32))
+    torch.library.opcheck(torch.ops.groupmamba_norm.residual_layer_norm_backward.default,
+                          (torch.randn(2, 5, 6), torch.randn(2, 5, 6), x.detach(), keep, weight.detach(), 1e-5,
+                           torch.float32, torch.float32))
 print("WORST", worst)
 """
 
@@ -193,22 +254,12 @@ def _layer(channels: int) -> GroupMambaLayer:
 @needs_cuda
 @pytest.mark.parametrize("height, width", [(14, 14), (1, 1)])
 def test_fused_layer_matches_unfused_in_float32(height, width):
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     layer = _layer(64)
     x = torch.randn(3, height * width, 64, device="cuda")
-    results = []
-    for fused in (True, False):
-        layer.low_memory = fused
-        layer.zero_grad(set_to_none=True)
-        xx = x.clone().requires_grad_()
-        out = layer(xx, height, width)
-        out.square().mean().backward()
-        results.append((out, xx.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}))
+    results = fused_and_unfused_in_float32(layer, x, height, width)
     (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
     assert relative_error(out_f, out_u) < 1e-5 and relative_error(dx_f, dx_u) < 1e-4
-    for name in g_u:
-        # skip_scale's gradient is the LayerNorm's eps effect plus rounding noise
-        assert relative_error(g_f[name], g_u[name]) < (1e-1 if name == "skip_scale" else 1e-4), name
+    assert_grads_close(g_f, g_u, 1e-4)
 
 
 @needs_cuda
@@ -222,5 +273,15 @@ def test_fused_layer_matches_unfused_under_bf16_autocast(compiled):
     out_u, dx_u, g_u = grads_under_bf16_autocast(layer, x)
     assert out_f.dtype == out_u.dtype
     assert relative_error(out_f, out_u) < 1e-2 and relative_error(dx_f, dx_u) < 2e-2
-    for name in g_u:
-        assert relative_error(g_f[name], g_u[name]) < (0.5 if name == "skip_scale" else 3e-2), name
+    assert_grads_close(g_f, g_u, 3e-2)
+
+
+@needs_cuda
+def test_fused_block_with_stochastic_depth_matches_unfused_in_float32():
+    torch.manual_seed(0)
+    block = GroupMambaBlock(64, 4, drop_path=0.5).cuda().train()
+    x = torch.randn(6, 14 * 14, 64, device="cuda")
+    results = fused_and_unfused_in_float32(block, x, 14, 14, seed=1)  # the same samples dropped
+    (out_f, dx_f, g_f), (out_u, dx_u, g_u) = results
+    assert relative_error(out_f, out_u) < 1e-5 and relative_error(dx_f, dx_u) < 1e-4
+    assert_grads_close(g_f, g_u, 1e-4)

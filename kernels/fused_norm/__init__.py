@@ -11,7 +11,13 @@
       out[..., g, :] = (layer_norm(ys[..., g, :], eps) * weight[g] + bias[g]) * silu(z[..., g, :])
 
   with ``ys`` ``(..., G, D)`` (the scan's float32 output), ``z`` ``(..., G * D)`` (the
-  gate half of ``in_proj``) and a ``(G, D)`` affine per group.
+  gate half of ``in_proj``) and a ``(G, D)`` affine per group;
+- :func:`residual_layer_norm`, a block's residual sum and the LayerNorm of its
+  feed-forward, both returned::
+
+      total = x + branch * keep;  out = layer_norm(total, weight, bias, eps)
+
+  with ``keep`` ``(B,)`` (stochastic depth's factor per image) or None.
 
 Unfused, each is four or five passes over the activations, most in float32, and autograd
 keeps their intermediate results for the backward pass; as differentiable custom ops
@@ -37,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["HAS_TRITON", "gated_group_norm", "gated_group_norm_reference", "modulated_layer_norm",
-           "modulated_layer_norm_reference"]
+           "modulated_layer_norm_reference", "residual_layer_norm", "residual_layer_norm_reference"]
 
 # whether the fused path can run on a CUDA tensor (a module constant, so compiled
 # code reads it without a guard on anything but this module)
@@ -45,6 +51,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _MODULATED = "groupmamba_norm::modulated_layer_norm"
 _GATED = "groupmamba_norm::gated_group_norm"
+_RESIDUAL = "groupmamba_norm::residual_layer_norm"
 
 
 def _kernels():
@@ -203,3 +210,83 @@ def gated_group_norm_reference(ys: torch.Tensor, z: torch.Tensor, weight: torch.
     normed = F.layer_norm(ys.to(compute), ys.shape[-1:], eps=eps)
     affine = torch.addcmul(bias.to(compute), normed, weight.to(compute))
     return (affine.reshape(z.shape) * F.silu(z.to(compute))).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- residual norm
+
+@torch.library.custom_op(_RESIDUAL, mutates_args=())
+def _residual_forward(x: torch.Tensor, branch: torch.Tensor, keep: Optional[torch.Tensor], weight: torch.Tensor,
+                      bias: torch.Tensor, eps: float, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().residual_norm_fwd(x, branch, keep, weight, bias, eps, out_dtype)
+
+
+@_residual_forward.register_fake
+def _(x, branch, keep, weight, bias, eps, out_dtype):
+    total = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, branch.dtype))
+    return total, x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op(_RESIDUAL + "_backward", mutates_args=())
+def _residual_backward(dtotal: torch.Tensor, dout: torch.Tensor, total: torch.Tensor, keep: Optional[torch.Tensor],
+                       weight: torch.Tensor, eps: float, x_dtype: torch.dtype, branch_dtype: torch.dtype
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dbranch, dweight, dbias = _kernels().residual_norm_bwd(dtotal, dout, total, keep, weight, eps, x_dtype,
+                                                               branch_dtype)
+    return dx, dbranch, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+@_residual_backward.register_fake
+def _(dtotal, dout, total, keep, weight, eps, x_dtype, branch_dtype):
+    return (total.new_empty(total.shape, dtype=x_dtype), total.new_empty(total.shape, dtype=branch_dtype),
+            torch.empty_like(weight), torch.empty_like(weight))
+
+
+def _residual_setup_context(ctx, inputs, output):
+    x, branch, keep, weight, bias, eps, out_dtype = inputs
+    ctx.eps, ctx.dtypes = eps, (x.dtype, branch.dtype, bias.dtype)
+    ctx.save_for_backward(output[0], keep, weight)  # the total is the next layer's input anyway
+
+
+def _residual_backward_rule(ctx, dtotal, dout):
+    total, keep, weight = ctx.saved_tensors
+    x_dtype, branch_dtype, bias_dtype = ctx.dtypes
+    # an output the loss does not use has no gradient
+    dtotal = torch.zeros_like(total) if dtotal is None else dtotal.contiguous()
+    dout = torch.zeros_like(total) if dout is None else dout.contiguous()
+    dx, dbranch, dweight, dbias = _residual_backward(dtotal, dout, total, keep, weight, ctx.eps, x_dtype,
+                                                     branch_dtype)
+    return dx, dbranch, None, dweight, dbias.to(bias_dtype), None, None
+
+
+_residual_forward.register_autograd(_residual_backward_rule, setup_context=_residual_setup_context)
+
+
+def _check_residual_arguments(x, branch, keep, weight, bias) -> None:
+    if x.dim() != 3 or branch.shape != x.shape:
+        raise ValueError(f"x and branch must both be (B, N, C), got {tuple(x.shape)} and {tuple(branch.shape)}")
+    if keep is not None and keep.shape != x.shape[:1]:
+        raise ValueError(f"keep must be (B,) = ({x.shape[0]},) or None, got {tuple(keep.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None or t.shape != x.shape[-1:]:
+            raise ValueError(f"{name} must be ({x.shape[-1]},), got {None if t is None else tuple(t.shape)}")
+
+
+def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, keep: Optional[torch.Tensor], weight: torch.Tensor,
+                        bias: torch.Tensor, eps: float = 1e-5, out_dtype: Optional[torch.dtype] = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op on CUDA tensors (needs Triton): ``(total, out)``, both ``(B, N, C)``;
+    ``total`` in the dtype of ``x + branch``, ``out`` in ``out_dtype`` (default: ``total``'s)."""
+    _check_residual_arguments(x, branch, keep, weight, bias)
+    total_dtype = torch.promote_types(x.dtype, branch.dtype)
+    return _residual_forward(x.contiguous(), branch.contiguous(), None if keep is None else keep.contiguous(),
+                             weight, bias, float(eps), total_dtype if out_dtype is None else out_dtype)
+
+
+def residual_layer_norm_reference(x: torch.Tensor, branch: torch.Tensor, keep: Optional[torch.Tensor],
+                                  weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                                  out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`residual_layer_norm` in plain PyTorch ops (any device, autograd as usual)."""
+    _check_residual_arguments(x, branch, keep, weight, bias)
+    total = x + (branch if keep is None else branch * keep.view(-1, 1, 1).to(branch.dtype))
+    out = F.layer_norm(total, total.shape[-1:], weight, bias, eps)
+    return total, out if out_dtype is None else out.to(out_dtype)

@@ -13,6 +13,11 @@ Importing this module without Triton, or without a CUDA device, raises
 ``ImportError`` with the reason. ``TRITON_INTERPRET=1`` lifts the CUDA requirement so
 the kernels can be checked on CPU tensors (slow; small shapes).
 
+Residual norm, a block's residual sum and the LayerNorm of its feed-forward::
+
+    total = x + branch * keep                     (keep: one factor per image, stochastic depth)
+    y = LayerNorm(total) * weight + bias          (both total and y are outputs)
+
 Layout: tokens are rows, channels are contiguous. A program owns ``ROWS`` tokens and
 all channels of one normalised group (C of the modulated norm, padded to a power of
 two; one group's D of the gated norm), so a token's statistics are a reduction inside
@@ -32,7 +37,8 @@ from kernels import load_triton
 
 triton, tl = load_triton("the fused LayerNorms")
 
-__all__ = ["modulated_norm_fwd", "modulated_norm_bwd", "gated_norm_fwd", "gated_norm_bwd", "CONFIG"]
+__all__ = ["modulated_norm_fwd", "modulated_norm_bwd", "gated_norm_fwd", "gated_norm_bwd", "residual_norm_fwd",
+           "residual_norm_bwd", "CONFIG"]
 
 # a program's tile is ROWS x (its channels rounded up to a power of two) float32
 # values: about ``tile`` of them, over ``warps`` warps (16 values a thread a tile: the
@@ -164,6 +170,58 @@ def _gated_norm_bwd_kernel(dout_ptr, ys_ptr, z_ptr, weight_ptr, bias_ptr, dys_pt
     tl.store(row + BLOCK_D + cols, tl.sum(daffine, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _residual_rows(tokens, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tokens of the flattened ``(B * N, C)``: offsets, masks, image indices."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    row_ok = rows < tokens
+    mask = row_ok[:, None] & col_ok[None, :]
+    return rows[:, None] * C + cols[None, :], mask, cols, col_ok, rows // N, row_ok
+
+
+@triton.jit
+def _residual_norm_fwd_kernel(x_ptr, branch_ptr, keep_ptr, weight_ptr, bias_ptr, total_ptr, out_ptr,
+                              tokens, N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    offsets, mask, cols, col_ok, images, row_ok = _residual_rows(tokens, N, C, ROWS, BLOCK_C)
+    branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        branch = branch * tl.load(keep_ptr + images, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    total = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + branch).to(total_ptr.dtype.element_ty)
+    tl.store(total_ptr + offsets, total, mask=mask)
+    # normalised as stored: the backward recomputes from the stored total
+    normed, _ = _normalise(total.to(tl.float32), mask, C, eps)
+    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, (normed * weight[None, :] + bias[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _residual_norm_bwd_kernel(dtotal_ptr, dout_ptr, total_ptr, keep_ptr, weight_ptr, dx_ptr, dbranch_ptr,
+                              part_ptr, tokens, N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
+                              BLOCK_C: tl.constexpr):
+    offsets, mask, cols, col_ok, images, row_ok = _residual_rows(tokens, N, C, ROWS, BLOCK_C)
+    normed, rstd = _normalise(tl.load(total_ptr + offsets, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dnormed = dout * weight[None, :]
+    mean_dn = tl.sum(dnormed, axis=1) / C
+    mean_dn_n = tl.sum(dnormed * normed, axis=1) / C
+    dtotal = tl.load(dtotal_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    dtotal += tl.where(mask, (dnormed - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None], 0.0)
+    tl.store(dx_ptr + offsets, dtotal.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_KEEP:
+        dtotal = dtotal * tl.load(keep_ptr + images, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    tl.store(dbranch_ptr + offsets, dtotal.to(dbranch_ptr.dtype.element_ty), mask=mask)
+
+    # per-program partial sums over the tokens: d weight, d bias
+    row = part_ptr + tl.program_id(0).to(tl.int64) * (2 * BLOCK_C)
+    tl.store(row + cols, tl.sum(dout * normed, axis=0), mask=col_ok)
+    tl.store(row + BLOCK_C + cols, tl.sum(dout, axis=0), mask=col_ok)
+
+
 # ----------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------
@@ -228,3 +286,31 @@ def gated_norm_bwd(dout, ys, z, weight, bias, eps: float):
         dout, ys, z, weight, bias, dys, dz, parts, tokens, D, z.stride(0), eps,
         ROWS=rows, BLOCK_D=block_d, num_warps=CONFIG["warps"])
     return dys, dz, parts[:, :, 0, :D].sum(0), parts[:, :, 1, :D].sum(0)
+
+
+def residual_norm_fwd(x, branch, keep, weight, bias, eps: float, out_dtype):
+    """``x``, ``branch`` contiguous ``(B, N, C)``, ``keep`` ``(B,)`` or None: ``total``
+    (``x + branch * keep`` in the dtype of their sum) and its LayerNorm in ``out_dtype``."""
+    B, N, C = x.shape
+    total = torch.empty((B, N, C), dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
+    out = torch.empty((B, N, C), dtype=out_dtype, device=x.device)
+    rows, block_c = _launch_shape(B * N, C)
+    _residual_norm_fwd_kernel[(triton.cdiv(B * N, rows),)](
+        x, branch, x if keep is None else keep, weight, bias, total, out, B * N, N, C, eps,
+        HAS_KEEP=keep is not None, ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
+    return total, out
+
+
+def residual_norm_bwd(dtotal, dout, total, keep, weight, eps: float, x_dtype, branch_dtype):
+    """Gradients of :func:`residual_norm_fwd` from those of its two outputs: ``dx``,
+    ``dbranch`` (in ``x_dtype``, ``branch_dtype``) and float32 ``dweight``, ``dbias``."""
+    B, N, C = total.shape
+    rows, block_c = _launch_shape(B * N, C)
+    programs = triton.cdiv(B * N, rows)
+    dx = torch.empty((B, N, C), dtype=x_dtype, device=total.device)
+    dbranch = torch.empty((B, N, C), dtype=branch_dtype, device=total.device)
+    parts = torch.empty((programs, 2, block_c), dtype=torch.float32, device=total.device)
+    _residual_norm_bwd_kernel[(programs,)](
+        dtotal, dout, total, total if keep is None else keep, weight, dx, dbranch, parts, B * N, N, C, eps,
+        HAS_KEEP=keep is not None, ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
+    return dx, dbranch, parts[:, 0, :C].sum(0), parts[:, 1, :C].sum(0)
