@@ -32,7 +32,8 @@ def test_reference_is_the_products_then_layer_norm():
     args = _inputs()
     product = args["mixed"] * args["skip_scale"] * args["grid"] * args["gate"]
     expected = F.layer_norm(product, (8,), args["weight"], args["bias"], 1e-6)
-    torch.testing.assert_close(fused_norm.modulated_layer_norm_reference(**args, eps=1e-6), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused_norm.modulated_layer_norm_reference(**args, eps=1e-6), expected,
+                               rtol=1e-12, atol=1e-12)
     assert fused_norm.modulated_layer_norm_reference(**args, out_dtype=torch.float32).dtype == torch.float32
 
 

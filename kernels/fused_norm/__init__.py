@@ -26,8 +26,9 @@ from the inputs it already keeps.
 
 Numerics are those of the unfused ops computed in float32 and rounded once: the
 modulated norm's output is written in ``out_dtype`` (under autocast the dtype the
-projection casts it to anyway), the gated norm's in ``z``'s dtype; input gradients come
-in their inputs' dtypes. The kernels are in :mod:`.triton_norm` (imported at the first
+projection casts it to anyway), the gated norm's in ``z``'s dtype, the residual norm's sum
+in the dtype of ``x + branch`` and its norm in ``out_dtype``; input gradients come in
+their inputs' dtypes. The kernels are in :mod:`.triton_norm` (imported at the first
 call, so CPU-only machines never need Triton); the ``*_reference`` functions are the
 same computations in plain PyTorch ops.
 
@@ -59,19 +60,21 @@ def _kernels():
     return triton_norm
 
 
+# --------------------------------------------------------------------------- modulated norm
+
 @torch.library.custom_op(_MODULATED, mutates_args=())
-def _fused_forward(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
+def _modulated_forward(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
                    weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     return _kernels().modulated_norm_fwd(mixed, grid, gate, skip_scale, weight, bias, eps, out_dtype)
 
 
-@_fused_forward.register_fake
+@_modulated_forward.register_fake
 def _(mixed, skip_scale, grid, gate, weight, bias, eps, out_dtype):
     return mixed.new_empty(mixed.shape, dtype=out_dtype)
 
 
 @torch.library.custom_op(_MODULATED + "_backward", mutates_args=())
-def _fused_backward(dout: torch.Tensor, mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor,
+def _modulated_backward(dout: torch.Tensor, mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor,
                     gate: torch.Tensor, weight: torch.Tensor, eps: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dmixed, dgrid, dgate, dscale, dweight, dbias = _kernels().modulated_norm_bwd(
@@ -80,30 +83,30 @@ def _fused_backward(dout: torch.Tensor, mixed: torch.Tensor, skip_scale: torch.T
             dbias.to(weight.dtype))
 
 
-@_fused_backward.register_fake
+@_modulated_backward.register_fake
 def _(dout, mixed, skip_scale, grid, gate, weight, eps):
     return (torch.empty_like(mixed), torch.empty_like(skip_scale), torch.empty_like(grid),
             torch.empty_like(gate), torch.empty_like(weight), torch.empty_like(weight))
 
 
-def _setup_context(ctx, inputs, output):
+def _modulated_setup_context(ctx, inputs, output):
     mixed, skip_scale, grid, gate, weight, bias, eps, out_dtype = inputs
     ctx.eps = eps
     ctx.bias_dtype = bias.dtype
     ctx.save_for_backward(mixed, skip_scale, grid, gate, weight)
 
 
-def _backward(ctx, dout):
+def _modulated_backward_rule(ctx, dout):
     mixed, skip_scale, grid, gate, weight = ctx.saved_tensors
-    dmixed, dscale, dgrid, dgate, dweight, dbias = _fused_backward(
+    dmixed, dscale, dgrid, dgate, dweight, dbias = _modulated_backward(
         dout.contiguous(), mixed, skip_scale, grid, gate, weight, ctx.eps)
     return dmixed, dscale, dgrid, dgate, dweight, dbias.to(ctx.bias_dtype), None, None
 
 
-_fused_forward.register_autograd(_backward, setup_context=_setup_context)
+_modulated_forward.register_autograd(_modulated_backward_rule, setup_context=_modulated_setup_context)
 
 
-def _check_arguments(mixed, skip_scale, grid, gate, weight, bias) -> None:
+def _check_modulated_arguments(mixed, skip_scale, grid, gate, weight, bias) -> None:
     if mixed.dim() != 3 or grid.shape != mixed.shape:
         raise ValueError(f"mixed and grid must both be (B, N, C), got {tuple(mixed.shape)} and {tuple(grid.shape)}")
     batch, _, channels = mixed.shape
@@ -121,16 +124,16 @@ def modulated_layer_norm(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: to
                          out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The fused op on CUDA tensors (needs Triton): ``(B, N, C)`` -> ``(B, N, C)`` in
     ``out_dtype`` (default: float32, the dtype of the unfused LayerNorm's output)."""
-    _check_arguments(mixed, skip_scale, grid, gate, weight, bias)
-    return _fused_forward(mixed.contiguous(), skip_scale, grid.contiguous(), gate.contiguous(), weight, bias,
+    _check_modulated_arguments(mixed, skip_scale, grid, gate, weight, bias)
+    return _modulated_forward(mixed.contiguous(), skip_scale, grid.contiguous(), gate.contiguous(), weight, bias,
                           float(eps), torch.float32 if out_dtype is None else out_dtype)
 
 
-def modulated_layer_norm_reference(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
-              weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def modulated_layer_norm_reference(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor,
+                                   gate: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                                   out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """:func:`modulated_layer_norm` in plain PyTorch ops (any device, autograd as usual)."""
-    _check_arguments(mixed, skip_scale, grid, gate, weight, bias)
+    _check_modulated_arguments(mixed, skip_scale, grid, gate, weight, bias)
     product = mixed * skip_scale * grid * gate
     out = F.layer_norm(product, (mixed.shape[-1],), weight, bias, eps)
     return out if out_dtype is None else out.to(out_dtype)
