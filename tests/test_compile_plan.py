@@ -2,6 +2,7 @@
 and where compiled graphs are kept."""
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -152,15 +153,21 @@ GPU_RUN = ["--model", "groupmamba_tiny", "--img-size", "64", "--batch-size", "8"
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_default_gpu_run_takes_the_fast_path_and_keeps_its_compile_cache(train_script, tmp_path, split):
-    """On a GPU a short run stays eager with CUDA graphs; a compiled one leaves its
-    portable cache artifacts, and a run resumed from its folder loads them."""
+def test_the_default_gpu_run_takes_the_fast_path_and_keeps_its_compile_cache(train_script, tmp_path, split,
+                                                                              recwarn):
+    """On a GPU a short run stays eager with CUDA graphs, with gradients of a sane size
+    (a captured step that accumulated gradients off its stream once gave norms of 1e6);
+    a compiled one leaves its portable cache artifacts, and a run resumed from its folder
+    loads them."""
     cache = tmp_path / "cache"
     short = tmp_path / "short"
     train_script.main([str(a) for a in ["--data", split, "--epochs", "1", *GPU_RUN, "--output", short,
                                         "--compile-cache", cache]])
     log = (short / "train.log").read_text()
     assert "--compile auto: off" in log and "CUDA graphs" in log
+    with open(short / "metrics.csv", newline="") as fh:
+        assert 0.0 < float(next(csv.DictReader(fh))["grad_norm"]) < 100.0
+    assert not [w for w in recwarn if "AccumulateGrad" in str(w.message)]
     compiled = tmp_path / "compiled"
     train_script.main([str(a) for a in ["--data", split, "--epochs", "1", *GPU_RUN, "--output", compiled,
                                         "--compile", "--compile-cache", cache]])
