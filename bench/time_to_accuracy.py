@@ -121,9 +121,11 @@ def train(args, extra: list[str]) -> None:
                "--time-limit", str(args.budget), "--fit-time-limit", "--output", str(args.output)]
     command += ["--force"] if args.force else []
     command += ["--seed", str(args.seed)] if args.seed is not None else []
-    command += ["--compile-cache", tempfile.mkdtemp(prefix="compile_cache_")] if args.cold else []
-    print("running:", " ".join(command + extra), flush=True)
-    subprocess.run(command + extra, check=True)
+    # --cold: a new, empty compile cache, removed afterwards (a few hundred MB)
+    with tempfile.TemporaryDirectory(prefix="compile_cache_") as empty_cache:
+        command += ["--compile-cache", empty_cache] if args.cold else []
+        print("running:", " ".join(command + extra), flush=True)
+        subprocess.run(command + extra, check=True)
 
 
 def describe_run(run: Path, summary: dict) -> dict:

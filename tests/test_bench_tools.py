@@ -196,3 +196,20 @@ def test_bench_fused_norm_times_what_the_model_computes():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             bench.main([])
+
+
+def test_time_to_accuracy_cold_trains_with_an_empty_cache_it_removes_afterwards(tmp_path, monkeypatch):
+    bench = load("time_to_accuracy")
+    seen = {}
+
+    def fake_run(command, check):
+        cache = Path(command[command.index("--compile-cache") + 1])
+        seen["empty"] = cache.is_dir() and not any(cache.iterdir())
+        seen["cache"] = cache
+        (cache / "graph.bin").write_bytes(b"0")  # what a compiling run leaves there
+        write_metrics(Path(command[command.index("--output") + 1]), [(1, 96.0, None, 50.0)])
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    result = bench.main(["--cold", "--seed", "3", "--output", str(tmp_path / "run")])
+    assert seen["empty"] and not seen["cache"].exists()
+    assert result["time_to_accuracy"]["time_to_95_s"] == 50.0
