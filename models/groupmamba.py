@@ -24,7 +24,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, resolve_pretrained_cfg
 
-from kernels import depthwise_conv, fused_norm
+from kernels import depthwise_conv, fused_norm, triton_runs_on
 
 from ._helpers import apply_pretrained_cfg, checkpoint_cfg, filter_state_dict
 from ._helpers import load_pretrained as load_checkpoint_weights
@@ -82,7 +82,7 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        if self.low_memory and x.is_cuda and depthwise_conv.HAS_TRITON:
+        if self.low_memory and triton_runs_on(x):
             conv = self.dwconv.dwconv
             grid = x.view(x.shape[0], height, width, x.shape[-1])
             out = depthwise_conv.conv3x3_act_linear(grid, conv.weight, conv.bias, "gelu",
@@ -165,7 +165,7 @@ class GroupMambaLayer(nn.Module):
         gate = self.channel_affinity(x)
         grid = x.view(batch, height, width, channels)
         mixed = self.scan_groups(grid).view(batch, tokens, channels)
-        if self.low_memory and x.is_cuda and fused_norm.HAS_TRITON:
+        if self.low_memory and triton_runs_on(x):
             # the products and the LayerNorm in one kernel, written in the dtype the
             # projection computes in; its backward recomputes the products
             return self.proj(fused_norm.modulated_layer_norm(mixed, self.skip_scale, x, gate, self.norm.weight,
@@ -227,7 +227,7 @@ class GroupMambaBlock(nn.Module):
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         branch = self.attn(x, height, width)
         norm = self.norm2
-        if self.low_memory and x.is_cuda and fused_norm.HAS_TRITON and _is_affine_layer_norm(norm):
+        if self.low_memory and triton_runs_on(x) and _is_affine_layer_norm(norm):
             x, normed = fused_norm.residual_layer_norm(x, branch, self.drop_path.keep_factors(branch), norm.weight,
                                                        norm.bias, norm.eps, _activation_dtype(x))
         else:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import depthwise_conv, fused_norm, grid_scan
+from kernels import depthwise_conv, fused_norm, grid_scan, triton_runs_on
 
 from .csms6s import check_direction, from_sequence, selective_scan, to_sequence
 
@@ -240,9 +240,10 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused: bool = False) ->
     :func:`kernels.grid_scan.selective_scan_grid` with the scans' ``scan_backend``,
     which reads each group in its scan order (``grid``: straight from the
     channels-last maps; the sequence backends: gathered into sequences and back).
-    With ``fused`` (and a CUDA tensor and Triton) the conv and SiLU run as one fused op
-    (:mod:`kernels.depthwise_conv`, for a 3x3 conv), and so do the output LayerNorm,
-    its affine and the SiLU gate (:func:`kernels.fused_norm.gated_group_norm`).
+    With ``fused`` (where Triton runs: :func:`kernels.triton_runs_on`) the conv and SiLU
+    run as one fused op (:mod:`kernels.depthwise_conv`, for a 3x3 conv), and so do the
+    output LayerNorm, its affine and the SiLU gate
+    (:func:`kernels.fused_norm.gated_group_norm`).
 
     Shapes: ``(B, H, W, G * d_model)`` -> ``(B, H, W, G * d_model)``.
     """
@@ -256,13 +257,13 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused: bool = False) ->
     # signal and gate, measured no faster on an H200 (bench/RESULTS.md)
     xs, z = _grouped_linear(x, [s.in_proj.weight for s in scans], [d_inner, d_inner],
                             None if first.in_proj.bias is None else [s.in_proj.bias for s in scans])
-    fused = fused and xs.is_cuda
+    fused = fused and triton_runs_on(xs)
 
     # one depth-wise conv over all groups' channels, group g in channels [g * d_inner, (g + 1) * d_inner)
     conv = first.conv2d
     conv_weight = torch.cat([s.conv2d.weight for s in scans])
     conv_bias = None if conv.bias is None else torch.cat([s.conv2d.bias for s in scans])
-    if fused and depthwise_conv.HAS_TRITON and _is_plain_3x3(conv):
+    if fused and _is_plain_3x3(conv):
         # conv, bias and SiLU in one kernel; its backward recomputes the conv from xs
         xs = depthwise_conv.conv3x3_act_linear(xs, conv_weight, conv_bias, "silu")
     else:
@@ -287,7 +288,7 @@ def grouped_ss2d(scans: Sequence[SS2D], x: torch.Tensor, fused: bool = False) ->
     # per-group LayerNorm: the normalisation is shared, only the affine differs per group
     norm = first.out_norm
     weight, bias = _stacked(s.out_norm.weight for s in scans), _stacked(s.out_norm.bias for s in scans)
-    if fused and fused_norm.HAS_TRITON:
+    if fused:
         # the norm, its affine and the SiLU gate in one kernel; its backward recomputes them
         ys = fused_norm.gated_group_norm(ys, z, weight, bias, norm.eps)
     else:

@@ -236,6 +236,36 @@ def test_triton_kernels_in_interpreter():
     run_in_triton_interpreter(_INTERPRETER_CHECK)
 
 
+_BLOCK_IN_INTERPRETER = r"""
+import torch
+from kernels.fused_norm import triton_norm
+from models.groupmamba import GroupMambaBlock
+from gpu_checks import assert_grads_close, fused_and_unfused_in_float32, relative_error
+
+triton_norm.CONFIG.update(tile=256)  # several programs per image
+torch.manual_seed(0)
+block = GroupMambaBlock(32, 2, drop_path=0.5, scan_backend="torch").train()
+with torch.no_grad():
+    for module in block.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.weight.normal_(1.0, 0.2)
+            module.bias.normal_(0.0, 0.2)
+    block.attn.skip_scale.fill_(0.8)
+(out_f, dx_f, g_f), (out_u, dx_u, g_u) = fused_and_unfused_in_float32(block, torch.randn(3, 5 * 6, 32), 5, 6, seed=1)
+worst = max(relative_error(out_f, out_u), relative_error(dx_f, dx_u))
+assert worst < 1e-5, worst
+assert_grads_close(g_f, g_u, 1e-4)
+print("WORST", worst)
+"""
+
+
+@pytest.mark.skipif(not fused_norm.HAS_TRITON, reason="triton is not installed")
+def test_low_memory_block_matches_the_unfused_block_in_interpreter():
+    """The whole low-memory block (both fused depth-wise convs and the three fused norms,
+    stochastic depth on) against the unfused block, every kernel in Triton's interpreter."""
+    run_in_triton_interpreter(_BLOCK_IN_INTERPRETER)
+
+
 # --------------------------------------------------------------------------- GPU
 
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and fused_norm.HAS_TRITON),

@@ -21,17 +21,15 @@ graph break, and CUDA graphs can capture it.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from kernels import HAS_TRITON  # re-exported: whether Triton is installed
+
 __all__ = ["HAS_TRITON", "conv3x3_act_linear", "reference", "ACTIVATION_FUNCTIONS"]
 
-# whether the fused path can run on a CUDA tensor (a module constant, so compiled
-# code reads it without a guard on anything but this module)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 ACTIVATION_FUNCTIONS = {"none": lambda t: t, "gelu": F.gelu, "silu": F.silu}
 

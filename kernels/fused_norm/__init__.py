@@ -37,18 +37,16 @@ break, and CUDA graphs can capture it.
 """
 from __future__ import annotations
 
-import importlib.util
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from kernels import HAS_TRITON  # re-exported: whether Triton is installed
+
 __all__ = ["HAS_TRITON", "gated_group_norm", "gated_group_norm_reference", "modulated_layer_norm",
            "modulated_layer_norm_reference", "residual_layer_norm", "residual_layer_norm_reference"]
 
-# whether the fused path can run on a CUDA tensor (a module constant, so compiled
-# code reads it without a guard on anything but this module)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 _MODULATED = "groupmamba_norm::modulated_layer_norm"
 _GATED = "groupmamba_norm::gated_group_norm"

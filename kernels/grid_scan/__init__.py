@@ -28,11 +28,11 @@ without a graph break, and CUDA graphs can capture it.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Sequence
 
 import torch
 
+from kernels import HAS_TRITON  # re-exported: whether Triton is installed
 from kernels import selective_scan as sequence_scan
 from kernels.selective_scan import BackendUnavailableError, selective_scan_fn
 
@@ -42,9 +42,6 @@ __all__ = ["DIRECTION_CODES", "HAS_TRITON", "SCAN_BACKENDS", "fused_scan", "refe
 # the values of GroupMamba's scan_backend (and of the scripts' --scan-backend)
 SCAN_BACKENDS = ("auto", "grid") + sequence_scan.BACKENDS
 
-# whether the fused path can run on a CUDA tensor (a module constant, so compiled
-# code reads it without a guard on anything but this module)
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # bit 0: column-major, bit 1: reversed (the kernels decode the same bits)
 DIRECTION_CODES = {"row": 0, "col": 1, "row_reversed": 2, "col_reversed": 3}

@@ -27,7 +27,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from kernels import interpreting, load_triton
+from kernels import INTERPRETING, load_triton
 
 triton, tl = load_triton("the Triton scan backend")
 
@@ -396,4 +396,4 @@ def _bwd(dout, u, delta, A, B, C, D, delta_bias, delta_softplus,
 
 
 selective_scan_triton = define_scan_op(
-    "triton", _fwd, _bwd, device_types=None if interpreting() else "cuda")
+    "triton", _fwd, _bwd, device_types=None if INTERPRETING else "cuda")
