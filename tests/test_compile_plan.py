@@ -117,9 +117,10 @@ import sys, torch
 from pathlib import Path
 from utils.compile_cache import keep_artifacts, prepare_compile_cache
 state = prepare_compile_cache(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else None)
-model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton's kernels on a GPU, C++ ones on the CPU
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU()).to(device)
 model.compile()
-model(torch.randn(4, 8)).sum().backward()
+model(torch.randn(4, 8, device=device)).sum().backward()
 print(state.state)
 print(keep_artifacts(Path(sys.argv[3] if len(sys.argv) > 3 else "unused") / "compile_cache.bin"))
 """
@@ -128,7 +129,8 @@ print(keep_artifacts(Path(sys.argv[3] if len(sys.argv) > 3 else "unused") / "com
 @pytest.mark.slow
 def test_artifacts_saved_by_one_run_fill_an_empty_cache_for_the_next(tmp_path):
     """The portable artifacts written after a compile load into a fresh cache folder (the
-    run folder carried to another machine), on the CPU's inductor backend."""
+    run folder carried to another machine); on the GPU where there is one, else on the
+    CPU's inductor backend."""
     run = tmp_path / "run"
     run.mkdir()
 
