@@ -4,7 +4,7 @@
     python bench/bench_fused_norm.py --json bench/results/bench_fused_norm_h100.json
 
 For each stage of groupmamba_tiny (tokens N, channels C; the gated norm's groups of
-D = C / 4) and each op (the modulated, gated and residual norms), the forward and the
+D = C / 4) and each op (the pooled, modulated, gated and residual norms), the forward and the
 forward + backward are timed three ways:
 
 - ``fused``: the Triton kernels (the backward recomputes the products);
@@ -35,6 +35,7 @@ GROUPS = 4
 # bytes per element of the traffic floor: forward, forward + backward
 MODULATED_BYTES = (2 + 4 + 2, (2 + 4 + 2) + (2 + 2 + 4 + 2 + 4))  # mixed bf16, grid f32, out bf16
 GATED_BYTES = (4 + 2 + 2, (4 + 2 + 2) + (2 + 4 + 2 + 4 + 2))  # ys f32, z bf16, out bf16
+POOLED_BYTES = (4 + 4, (4 + 4) + (4 + 4 + 4))  # x f32, out f32 (the mean token is small)
 RESIDUAL_BYTES = (4 + 2 + 4 + 2, (4 + 2 + 4 + 2) + (4 + 2 + 4 + 4 + 2))  # x f32, branch bf16, total f32, out bf16
 
 
@@ -65,6 +66,16 @@ def gated_fused(ys, z, weight, bias):
     return fused_norm.gated_group_norm(ys, z, weight, bias, 1e-5)
 
 
+def pooled_unfused(x, weight, bias):
+    # GroupMambaLayer's first norm (float32 under autocast) and the mean token of its gate
+    out = F.layer_norm(x, weight.shape, weight, bias)
+    return out, out.mean(dim=1, keepdim=True)
+
+
+def pooled_fused(x, weight, bias):
+    return fused_norm.pooled_layer_norm(x, weight, bias, 1e-5, torch.float32)
+
+
 def residual_unfused(x, branch, keep, weight, bias):
     # GroupMambaBlock: stochastic depth on the bf16 branch, the float32 residual sum, norm2
     total = x + branch * keep.view(-1, 1, 1).to(branch.dtype)
@@ -90,6 +101,13 @@ def gated_inputs(batch, tokens, channels):
     return [torch.randn(batch, tokens, GROUPS, width, device="cuda", generator=gen), projection[..., channels:],
             1.0 + 0.1 * torch.randn(GROUPS, width, device="cuda", generator=gen),
             0.1 * torch.randn(GROUPS, width, device="cuda", generator=gen)]
+
+
+def pooled_inputs(batch, tokens, channels):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    return [torch.randn(batch, tokens, channels, device="cuda", generator=gen),
+            1.0 + 0.1 * torch.randn(channels, device="cuda", generator=gen),
+            0.1 * torch.randn(channels, device="cuda", generator=gen)]
 
 
 def residual_inputs(batch, tokens, channels):
@@ -137,7 +155,8 @@ def main(argv=None) -> int:
     rows = []
     for stage in args.stages:
         tokens, channels = STAGES[stage]
-        for op in (("modulated", modulated_unfused, modulated_fused, modulated_inputs, MODULATED_BYTES),
+        for op in (("pooled", pooled_unfused, pooled_fused, pooled_inputs, POOLED_BYTES),
+                   ("modulated", modulated_unfused, modulated_fused, modulated_inputs, MODULATED_BYTES),
                    ("gated", gated_unfused, gated_fused, gated_inputs, GATED_BYTES),
                    ("residual", residual_unfused, residual_fused, residual_inputs, RESIDUAL_BYTES)):
             for row in bench_op(*op, args.batch, tokens, channels):

@@ -98,6 +98,11 @@ def _activation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
 
 
+def _layer_norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.layer_norm`` returns for ``x``: float32 under CUDA autocast, else ``x``'s."""
+    return torch.float32 if torch.is_autocast_enabled("cuda") else x.dtype
+
+
 def _is_affine_layer_norm(norm: nn.Module) -> bool:
     return (isinstance(norm, nn.LayerNorm) and len(norm.normalized_shape) == 1
             and norm.weight is not None and norm.bias is not None)
@@ -136,17 +141,17 @@ class GroupMambaLayer(nn.Module):
         # run the four SS2Ds as one batched pipeline (same result, a quarter of the
         # kernel launches); False runs them one by one as released, for comparison
         self.batch_groups = True
-        # on CUDA, fused ops whose backward recomputes: in the batched pipeline the
-        # depth-wise conv + SiLU (kernels.depthwise_conv) and the output norm with its
-        # gate, and the products with the LayerNorm before proj (kernels.fused_norm)
+        # on CUDA, fused ops whose backward recomputes: the norm with the mean token,
+        # in the batched pipeline the depth-wise conv + SiLU (kernels.depthwise_conv) and
+        # the output norm with its gate, and the products with the LayerNorm before proj
+        # (kernels.fused_norm)
         self.low_memory = low_memory
 
     def group_scans(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
 
-    def channel_affinity(self, x: torch.Tensor) -> torch.Tensor:
-        """Squeeze/excite gate from the mean token: ``(B, N, C)`` -> ``(B, 1, output_dim)``."""
-        pooled = x.mean(dim=1, keepdim=True)
+    def channel_affinity(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Squeeze/excite gate from the mean token: ``(B, 1, C)`` -> ``(B, 1, output_dim)``."""
         return torch.sigmoid(self.fc2(F.relu(self.fc1(pooled))))
 
     def scan_groups(self, grid: torch.Tensor) -> torch.Tensor:
@@ -161,15 +166,20 @@ class GroupMambaLayer(nn.Module):
         if x.dtype == torch.float16:
             x = x.float()  # as released: fp16 activations enter the mixer in float32
         batch, tokens, channels = x.shape
-        x = self.norm(x)
-        gate = self.channel_affinity(x)
-        grid = x.view(batch, height, width, channels)
-        mixed = self.scan_groups(grid).view(batch, tokens, channels)
-        if self.low_memory and triton_runs_on(x):
+        norm = self.norm
+        fused = self.low_memory and triton_runs_on(x)
+        if fused:  # the norm and its mean token in one kernel
+            x, pooled = fused_norm.pooled_layer_norm(x, norm.weight, norm.bias, norm.eps, _layer_norm_dtype(x))
+        else:
+            x = norm(x)
+            pooled = x.mean(dim=1, keepdim=True)
+        gate = self.channel_affinity(pooled)
+        mixed = self.scan_groups(x.view(batch, height, width, channels)).view(batch, tokens, channels)
+        if fused:
             # the products and the LayerNorm in one kernel, written in the dtype the
             # projection computes in; its backward recomputes the products
-            return self.proj(fused_norm.modulated_layer_norm(mixed, self.skip_scale, x, gate, self.norm.weight,
-                                                             self.norm.bias, self.norm.eps, _activation_dtype(x)))
+            return self.proj(fused_norm.modulated_layer_norm(mixed, self.skip_scale, x, gate, norm.weight,
+                                                             norm.bias, norm.eps, _activation_dtype(x)))
         # the release's order of products; folding skip_scale into the gate first saves
         # one full-size multiply but measurably loses float32 accuracy in skip_scale's gradient
         return self.proj(self.norm(mixed * self.skip_scale * x * gate))
@@ -358,7 +368,8 @@ class GroupMamba(nn.Module):
             ``"cuda"`` or ``"torch"``.
         low_memory: on CUDA with Triton, run the depth-wise convs with their activation
             (and the feed-forward's fc2), the LayerNorms with the work around them (each
-            mixer's products, its scans' output gates, each block's residual sum) as fused
+            mixer's mean token and products, its scans' output gates, each block's
+            residual sum) as fused
             kernels whose backward recomputes what they skip keeping: the same numerics,
             about a third less activation memory (``bench/RESULTS.md``).
     """

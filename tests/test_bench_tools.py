@@ -187,6 +187,10 @@ def test_bench_fused_norm_times_what_the_model_computes():
     torch.testing.assert_close(bench.gated_unfused(ys, z, weight, bias).float(),
                                fused_norm.gated_group_norm_reference(ys, z, weight, bias).float(),
                                rtol=2e-2, atol=2e-2)
+    x, weight, bias = torch.randn(2, 9, 8), torch.randn(8), torch.randn(8)
+    for got, expected in zip(bench.pooled_unfused(x, weight, bias),
+                             fused_norm.pooled_layer_norm_reference(x, weight, bias)):
+        torch.testing.assert_close(got, expected)
     x, branch, keep = torch.randn(2, 9, 8), torch.randn(2, 9, 8).bfloat16(), torch.tensor([0.0, 2.0])
     weight, bias = torch.randn(8), torch.randn(8)
     for got, expected in zip(bench.residual_unfused(x, branch, keep, weight, bias),

@@ -1,10 +1,10 @@
-"""The fused LayerNorm ops of ``kernels.fused_norm``: the mixer's modulated norm, the
-grouped SS2D pipeline's gated group norm and the block's residual norm.
+"""The fused LayerNorm ops of ``kernels.fused_norm``: the mixer's pooled and modulated
+norms, the grouped SS2D pipeline's gated group norm and the block's residual norm.
 
 On the CPU: the PyTorch references against the model's own computations, argument
 errors, and the Triton kernels under Triton's CPU interpreter (forward, every gradient,
 several programs per image, one-token images, channel counts that are not powers of
-two, bfloat16 inputs, a strided gate, stochastic depth, ``opcheck`` of all six custom
+two, bfloat16 inputs, a strided gate, stochastic depth, ``opcheck`` of all eight custom
 ops). On a GPU (skipped without CUDA): a GroupMambaLayer and a GroupMambaBlock with and
 without the fused ops, float32 and bf16 autocast, eager and compiled.
 """
@@ -47,8 +47,9 @@ def test_reference_is_what_the_mixer_computes_before_proj():
     tokens = torch.randn(2, 3 * 5, 16, dtype=torch.float64)
     normed = layer.norm(tokens)
     mixed = layer.scan_groups(normed.view(2, 3, 5, 16)).reshape(2, 15, 16)
-    fused = fused_norm.modulated_layer_norm_reference(mixed, layer.skip_scale, normed, layer.channel_affinity(normed),
-                                 layer.norm.weight, layer.norm.bias, layer.norm.eps)
+    gate = layer.channel_affinity(normed.mean(dim=1, keepdim=True))
+    fused = fused_norm.modulated_layer_norm_reference(mixed, layer.skip_scale, normed, gate, layer.norm.weight,
+                                                      layer.norm.bias, layer.norm.eps)
     torch.testing.assert_close(layer.proj(fused), layer(tokens, 3, 5), rtol=1e-12, atol=1e-12)
 
 
@@ -99,6 +100,22 @@ def test_gated_bad_arguments_raise_value_error(change, message):
             fn(**args)
 
 
+def test_pooled_reference_is_the_mixer_s_norm_and_mean_token():
+    torch.manual_seed(0)
+    layer = GroupMambaLayer(16, 16).double()
+    with torch.no_grad():
+        layer.norm.weight.normal_()
+        layer.norm.bias.normal_()
+    x = torch.randn(3, 10, 16, dtype=torch.float64)
+    out, pooled = fused_norm.pooled_layer_norm_reference(x, layer.norm.weight, layer.norm.bias, layer.norm.eps)
+    torch.testing.assert_close(out, layer.norm(x), rtol=0, atol=0)
+    torch.testing.assert_close(pooled, layer.norm(x).mean(dim=1, keepdim=True), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="x must be"):
+        fused_norm.pooled_layer_norm(x[0], layer.norm.weight, layer.norm.bias)
+    with pytest.raises(ValueError, match="bias must be"):
+        fused_norm.pooled_layer_norm_reference(x, layer.norm.weight, layer.norm.bias[:4])
+
+
 def test_residual_reference_is_the_block_s_residual_sum_and_norm2():
     torch.manual_seed(0)
     block = GroupMambaBlock(32, 2, drop_path=0.5).double().train()
@@ -134,32 +151,43 @@ from kernels.fused_norm import triton_norm
 
 triton_norm.CONFIG.update(tile=64)  # several programs per image
 torch.manual_seed(0)
-
-def run(fn, inputs, eps, dout=None):
-    inputs = [t.clone().requires_grad_() for t in inputs]
-    out = fn(*inputs, eps=eps, out_dtype=torch.float32)
-    dout = torch.randn_like(out) if dout is None else dout
-    out.backward(dout)
-    return [out.detach()] + [t.grad for t in inputs], dout
-
-# (B, N, C, mixed dtype, eps): C not a power of two, one-token images, a bf16 input as the
-# model's; a large eps makes skip_scale's gradient more than rounding noise (the
-# LayerNorm undoes any scale but for eps)
 worst = 0.0
+
+
+def both(reference, fused, inputs, call=lambda fn, leaves: fn(*leaves)):
+    # each op's outputs and its inputs' gradients, the same random output gradients for both
+    results, seed = [], torch.randint(1 << 30, ()).item()
+    for fn in (reference, fused):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = call(fn, leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.manual_seed(seed)
+        torch.autograd.backward(outs, [torch.randn(o.shape).to(o.dtype) for o in outs])
+        results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+    return results
+
+
+def compare(case, results, low_precision=False, loose=()):
+    # low precision: a bf16 tensor, one rounding apart; ``loose``: indices checked to 1e-3
+    global worst
+    for index, (got, ref) in enumerate(zip(*reversed(results))):
+        assert got.shape == ref.shape and got.dtype == ref.dtype, (case, index, got.shape, ref.shape)
+        error = ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-6)).item()
+        limit = 1e-2 if low_precision else 1e-3 if index in loose else 1e-5
+        assert error < limit, (case, index, error)
+        worst = max(worst, error if limit == 1e-5 else 0.0)
+
+
+# modulated norm: (B, N, C, mixed dtype, eps): C not a power of two, one-token images, a
+# bf16 input as the model's; a large eps makes skip_scale's gradient (index 2) more than
+# rounding noise (the LayerNorm undoes any scale but for eps)
 for B, N, C, dtype, eps in [(2, 37, 24, torch.float32, 0.5), (3, 1, 20, torch.float32, 0.5),
                             (2, 50, 12, torch.float32, 1e-5), (1, 130, 6, torch.bfloat16, 0.5)]:
     inputs = [torch.randn(B, N, C).to(dtype), torch.tensor([0.7]), torch.randn(B, N, C), torch.rand(B, 1, C),
               torch.randn(C), torch.randn(C)]
-    ref, dout = run(fused_norm.modulated_layer_norm_reference, inputs, eps)
-    got, _ = run(fused_norm.modulated_layer_norm, inputs, eps, dout)
-    for index, (a, b) in enumerate(zip(got, ref)):
-        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
-        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
-        # d mixed of a bf16 input: one bf16 rounding apart; d skip_scale at eps 1e-5: cancellation
-        limit = 1e-2 if a.dtype == torch.bfloat16 else (1e-3 if index == 2 and eps < 1e-3 else 1e-5)
-        assert error < limit, (B, N, C, index, error)
-        worst = max(worst, error if limit == 1e-5 else 0.0)
-
+    results = both(fused_norm.modulated_layer_norm_reference, fused_norm.modulated_layer_norm, inputs,
+                   lambda fn, leaves: fn(*leaves, eps=eps, out_dtype=torch.float32))
+    compare(("modulated", B, N, C), results, dtype == torch.bfloat16, loose=(2,) if eps < 1e-3 else ())
 args = [torch.randn(2, 5, 6), torch.tensor([0.9]), torch.randn(2, 5, 6), torch.rand(2, 1, 6), torch.randn(6),
         torch.randn(6)]
 torch.library.opcheck(torch.ops.groupmamba_norm.modulated_layer_norm.default,
@@ -167,65 +195,55 @@ torch.library.opcheck(torch.ops.groupmamba_norm.modulated_layer_norm.default,
 torch.library.opcheck(torch.ops.groupmamba_norm.modulated_layer_norm_backward.default,
                       [torch.randn(2, 5, 6)] + args[:5] + [1e-5])
 
-# the gated group norm: (tokens, G, D, z dtype, strided z), D not a power of two (the
-# released stage 3 has 87), several programs, z as the second half of a wider tensor
+# gated group norm: (tokens, G, D, z dtype, strided z), D not a power of two (the released
+# stage 3 has 87), several programs, z the second half of a wider tensor
 for T, G, D, dtype, strided in [(37, 4, 7, torch.float32, True), (5, 2, 16, torch.float32, False),
                                  (70, 4, 3, torch.bfloat16, True)]:
-    ys, weight, bias = torch.randn(T, G, D), torch.randn(G, D), torch.randn(G, D)
-    wide = torch.randn(T, 2 * G * D).to(dtype)
-    z = wide[:, G * D:] if strided else wide[:, :G * D].contiguous()
-    results = []
-    for fn in (fused_norm.gated_group_norm_reference, fused_norm.gated_group_norm):
-        leaves = [t.detach().clone().requires_grad_() for t in (ys, wide, weight, bias)]
-        zz = leaves[1][:, G * D:] if strided else leaves[1][:, :G * D].contiguous()
-        out = fn(leaves[0], zz, leaves[2], leaves[3], 1e-5)
-        torch.manual_seed(1)
-        out.backward(torch.randn(out.shape).to(out.dtype))
-        results.append([out.detach()] + [t.grad for t in leaves])
-    for index, (a, b) in enumerate(zip(results[1], results[0])):
-        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
-        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
-        limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
-        assert error < limit, (T, G, D, index, error)
-        worst = max(worst, error if limit == 1e-5 else 0.0)
-
+    inputs = [torch.randn(T, G, D), torch.randn(T, 2 * G * D).to(dtype), torch.randn(G, D), torch.randn(G, D)]
+    half = (lambda wide: wide[:, G * D:]) if strided else (lambda wide: wide[:, :G * D].contiguous())
+    results = both(fused_norm.gated_group_norm_reference, fused_norm.gated_group_norm, inputs,
+                   lambda fn, leaves: fn(leaves[0], half(leaves[1]), leaves[2], leaves[3], 1e-5))
+    compare(("gated", T, G, D), results, dtype == torch.bfloat16)
 ys, z, weight, bias = torch.randn(6, 2, 5), torch.randn(6, 20)[:, 10:], torch.randn(2, 5), torch.randn(2, 5)
 torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm.default,
                       (ys.requires_grad_(), z, weight.requires_grad_(), bias, 1e-5))
 torch.library.opcheck(torch.ops.groupmamba_norm.gated_group_norm_backward.default,
                       (torch.randn(6, 10), ys.detach(), z, weight.detach(), bias, 1e-5))
 
-# the residual norm: (B, N, C, branch dtype, stochastic depth), both outputs in the loss
+# pooled norm: (B, N, C, x dtype), both outputs in the loss
+for B, N, C, dtype in [(2, 37, 24, torch.float32), (3, 1, 20, torch.float32), (2, 13, 6, torch.bfloat16)]:
+    inputs = [torch.randn(B, N, C).to(dtype), torch.randn(C), torch.randn(C)]
+    results = both(fused_norm.pooled_layer_norm_reference, fused_norm.pooled_layer_norm, inputs,
+                   lambda fn, leaves: fn(*leaves, 1e-5, torch.float32))
+    compare(("pooled", B, N, C), results, dtype == torch.bfloat16)
+x, weight, bias = torch.randn(2, 5, 6), torch.randn(6), torch.randn(6)
+leaf = x.clone().requires_grad_()
+fused_norm.pooled_layer_norm(leaf, weight, bias)[1].sum().backward()  # the norm's output unused
+assert leaf.grad is not None
+torch.library.opcheck(torch.ops.groupmamba_norm.pooled_layer_norm.default,
+                      (x.clone().requires_grad_(), weight.clone().requires_grad_(), bias, 1e-5, torch.float32))
+torch.library.opcheck(torch.ops.groupmamba_norm.pooled_layer_norm_backward.default,
+                      (torch.randn(2, 5, 6), torch.randn(2, 1, 6), x, weight, 1e-5))
+
+# residual norm: (B, N, C, branch dtype, stochastic depth), both outputs in the loss
 for B, N, C, dtype, drop in [(2, 37, 24, torch.float32, True), (3, 1, 20, torch.float32, False),
                              (2, 13, 6, torch.bfloat16, True)]:
-    x, branch, weight, bias = torch.randn(B, N, C), torch.randn(B, N, C).to(dtype), torch.randn(C), torch.randn(C)
     keep = torch.tensor([0.0, 2.0, 2.0])[:B] if drop else None
-    dtotal, dout = torch.randn(B, N, C), torch.randn(B, N, C)
-    results = []
-    for fn in (fused_norm.residual_layer_norm_reference, fused_norm.residual_layer_norm):
-        leaves = [t.clone().requires_grad_() for t in (x, branch, weight, bias)]
-        total, out = fn(leaves[0], leaves[1], keep, leaves[2], leaves[3], 1e-6)
-        torch.autograd.backward([total, out], [dtotal, dout])
-        results.append([total.detach(), out.detach()] + [t.grad for t in leaves])
-    for index, (a, b) in enumerate(zip(results[1], results[0])):
-        assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
-        error = ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-6)).item()
-        # a bf16 branch: the reference scales it in bf16 (as the model's stochastic depth)
-        limit = 1e-2 if dtype == torch.bfloat16 else 1e-5
-        assert error < limit, (B, N, C, index, error)
-        worst = max(worst, error if limit == 1e-5 else 0.0)
-# one output unused: its gradient is None in the backward rule
-leaf = x.clone().requires_grad_()
-fused_norm.residual_layer_norm(leaf, branch, keep, weight, bias)[1].float().sum().backward()
-assert leaf.grad is not None
-
+    inputs = [torch.randn(B, N, C), torch.randn(B, N, C).to(dtype), torch.randn(C), torch.randn(C)]
+    results = both(fused_norm.residual_layer_norm_reference, fused_norm.residual_layer_norm, inputs,
+                   lambda fn, leaves: fn(leaves[0], leaves[1], keep, leaves[2], leaves[3], 1e-6))
+    # a bf16 branch: the reference scales it in bf16, as the model's stochastic depth
+    compare(("residual", B, N, C), results, dtype == torch.bfloat16)
 x, branch, weight, bias = torch.randn(2, 5, 6), torch.randn(2, 5, 6), torch.randn(6), torch.randn(6)
+leaf = x.clone().requires_grad_()
+fused_norm.residual_layer_norm(leaf, branch, None, weight, bias)[1].sum().backward()  # the sum unused
+assert leaf.grad is not None
 for keep in (None, torch.tensor([0.0, 2.0])):
     torch.library.opcheck(torch.ops.groupmamba_norm.residual_layer_norm.default,
-                          (x.requires_grad_(), branch.requires_grad_(), keep, weight.requires_grad_(), bias,
-                           1e-5, torch.float32))
+                          (x.clone().requires_grad_(), branch.clone().requires_grad_(), keep,
+                           weight.clone().requires_grad_(), bias, 1e-5, torch.float32))
     torch.library.opcheck(torch.ops.groupmamba_norm.residual_layer_norm_backward.default,
-                          (torch.randn(2, 5, 6), torch.randn(2, 5, 6), x.detach(), keep, weight.detach(), 1e-5,
+                          (torch.randn(2, 5, 6), torch.randn(2, 5, 6), x, keep, weight, 1e-5,
                            torch.float32, torch.float32))
 print("WORST", worst)
 """
@@ -261,7 +279,7 @@ print("WORST", worst)
 
 @pytest.mark.skipif(not fused_norm.HAS_TRITON, reason="triton is not installed")
 def test_low_memory_block_matches_the_unfused_block_in_interpreter():
-    """The whole low-memory block (both fused depth-wise convs and the three fused norms,
+    """The whole low-memory block (both fused depth-wise convs and the four fused norms,
     stochastic depth on) against the unfused block, every kernel in Triton's interpreter."""
     run_in_triton_interpreter(_BLOCK_IN_INTERPRETER)
 

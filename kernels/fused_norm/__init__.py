@@ -12,6 +12,11 @@
 
   with ``ys`` ``(..., G, D)`` (the scan's float32 output), ``z`` ``(..., G * D)`` (the
   gate half of ``in_proj``) and a ``(G, D)`` affine per group;
+- :func:`pooled_layer_norm`, the start of a ``GroupMambaLayer``: its LayerNorm and the
+  mean token its channel-affinity gate reads, both returned::
+
+      out = layer_norm(x, weight, bias, eps);  pooled = out.mean(1, keepdim=True)
+
 - :func:`residual_layer_norm`, a block's residual sum and the LayerNorm of its
   feed-forward, both returned::
 
@@ -27,10 +32,10 @@ from the inputs it already keeps.
 Numerics are those of the unfused ops computed in float32 and rounded once: the
 modulated norm's output is written in ``out_dtype`` (under autocast the dtype the
 projection casts it to anyway), the gated norm's in ``z``'s dtype, the residual norm's sum
-in the dtype of ``x + branch`` and its norm in ``out_dtype``; input gradients come in
-their inputs' dtypes. The kernels are in :mod:`.triton_norm` (imported at the first
-call, so CPU-only machines never need Triton); the ``*_reference`` functions are the
-same computations in plain PyTorch ops.
+in the dtype of ``x + branch`` and its norm in ``out_dtype``, the pooled norm's two
+outputs in ``out_dtype``; input gradients come in their inputs' dtypes. The kernels are
+in :mod:`.triton_norm` (imported at the first call, so CPU-only machines never need
+Triton); the ``*_reference`` functions are the same computations in plain PyTorch ops.
 
 ``torch.compile`` traces the op (fake kernels, registered backward) without a graph
 break, and CUDA graphs can capture it.
@@ -45,11 +50,13 @@ import torch.nn.functional as F
 from kernels import HAS_TRITON  # re-exported: whether Triton is installed
 
 __all__ = ["HAS_TRITON", "gated_group_norm", "gated_group_norm_reference", "modulated_layer_norm",
-           "modulated_layer_norm_reference", "residual_layer_norm", "residual_layer_norm_reference"]
+           "modulated_layer_norm_reference", "pooled_layer_norm", "pooled_layer_norm_reference",
+           "residual_layer_norm", "residual_layer_norm_reference"]
 
 
 _MODULATED = "groupmamba_norm::modulated_layer_norm"
 _GATED = "groupmamba_norm::gated_group_norm"
+_POOLED = "groupmamba_norm::pooled_layer_norm"
 _RESIDUAL = "groupmamba_norm::residual_layer_norm"
 
 
@@ -211,6 +218,76 @@ def gated_group_norm_reference(ys: torch.Tensor, z: torch.Tensor, weight: torch.
     normed = F.layer_norm(ys.to(compute), ys.shape[-1:], eps=eps)
     affine = torch.addcmul(bias.to(compute), normed, weight.to(compute))
     return (affine.reshape(z.shape) * F.silu(z.to(compute))).to(z.dtype)
+
+
+# --------------------------------------------------------------------------- pooled norm
+
+@torch.library.custom_op(_POOLED, mutates_args=())
+def _pooled_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().pooled_norm_fwd(x, weight, bias, eps, out_dtype)
+
+
+@_pooled_forward.register_fake
+def _(x, weight, bias, eps, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.shape[0], 1, x.shape[2]), dtype=out_dtype)
+
+
+@torch.library.custom_op(_POOLED + "_backward", mutates_args=())
+def _pooled_backward(dout: torch.Tensor, dpooled: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, dweight, dbias = _kernels().pooled_norm_bwd(dout, dpooled, x, weight, eps)
+    return dx, dweight.to(weight.dtype), dbias.to(weight.dtype)
+
+
+@_pooled_backward.register_fake
+def _(dout, dpooled, x, weight, eps):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _pooled_setup_context(ctx, inputs, output):
+    x, weight, bias, eps, out_dtype = inputs
+    ctx.eps, ctx.bias_dtype = eps, bias.dtype
+    ctx.save_for_backward(x, weight)
+
+
+def _pooled_backward_rule(ctx, dout, dpooled):
+    x, weight = ctx.saved_tensors
+    batch, _, channels = x.shape
+    # an output the loss does not use has no gradient
+    dout = torch.zeros_like(x) if dout is None else dout.contiguous()
+    dpooled = x.new_zeros((batch, 1, channels)) if dpooled is None else dpooled.contiguous()
+    dx, dweight, dbias = _pooled_backward(dout, dpooled, x, weight, ctx.eps)
+    return dx, dweight, dbias.to(ctx.bias_dtype), None, None
+
+
+_pooled_forward.register_autograd(_pooled_backward_rule, setup_context=_pooled_setup_context)
+
+
+def _check_pooled_arguments(x, weight, bias) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be (B, N, C), got {tuple(x.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None or t.shape != x.shape[-1:]:
+            raise ValueError(f"{name} must be ({x.shape[-1]},), got {None if t is None else tuple(t.shape)}")
+
+
+def pooled_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                      out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused op on CUDA tensors (needs Triton): ``(out, pooled)``, ``(B, N, C)`` and
+    ``(B, 1, C)``, both in ``out_dtype`` (default: ``x``'s)."""
+    _check_pooled_arguments(x, weight, bias)
+    return _pooled_forward(x.contiguous(), weight, bias, float(eps), x.dtype if out_dtype is None else out_dtype)
+
+
+def pooled_layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                                out_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pooled_layer_norm` in plain PyTorch ops (any device, autograd as usual)."""
+    _check_pooled_arguments(x, weight, bias)
+    # in float32 at least, as under autocast
+    out = F.layer_norm(x.to(torch.promote_types(x.dtype, torch.float32)), x.shape[-1:], weight, bias, eps)
+    out = out.to(x.dtype if out_dtype is None else out_dtype)
+    return out, out.mean(dim=1, keepdim=True)
 
 
 # --------------------------------------------------------------------------- residual norm

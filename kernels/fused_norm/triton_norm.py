@@ -13,6 +13,11 @@ Importing this module without Triton, or without a CUDA device, raises
 ``ImportError`` with the reason. ``TRITON_INTERPRET=1`` lifts the CUDA requirement so
 the kernels can be checked on CPU tensors (slow; small shapes).
 
+Pooled norm, the start of a ``GroupMambaLayer``: its LayerNorm and the mean token that
+its channel-affinity gate reads::
+
+    y = LayerNorm(x) * weight + bias;  pooled[b] = mean over the tokens of y[b]
+
 Residual norm, a block's residual sum and the LayerNorm of its feed-forward::
 
     total = x + branch * keep                     (keep: one factor per image, stochastic depth)
@@ -37,8 +42,8 @@ from kernels import load_triton
 
 triton, tl = load_triton("the fused LayerNorms")
 
-__all__ = ["modulated_norm_fwd", "modulated_norm_bwd", "gated_norm_fwd", "gated_norm_bwd", "residual_norm_fwd",
-           "residual_norm_bwd", "CONFIG"]
+__all__ = ["modulated_norm_fwd", "modulated_norm_bwd", "gated_norm_fwd", "gated_norm_bwd", "pooled_norm_fwd",
+           "pooled_norm_bwd", "residual_norm_fwd", "residual_norm_bwd", "CONFIG"]
 
 # a program's tile is ROWS x (its channels rounded up to a power of two) float32
 # values: about ``tile`` of them, over ``warps`` warps (16 values a thread a tile: the
@@ -56,16 +61,40 @@ def _normalise(product, mask, C, eps):
 
 
 @triton.jit
-def _load_tile(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps,
-               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tokens (``ROWS`` of image ``program_id(0)``): offsets, masks, the
-    inputs as float32, the product normalised and its rstd, the norm's weight."""
-    batch = tl.program_id(0)
+def _normalise_backward(dnormed, normed, rstd, C):
+    """The LayerNorm's input gradient from its normalised output's: ``rstd * (dn - mean(dn)
+    - n * mean(dn * n))`` per token."""
+    mean_dn = tl.sum(dnormed, axis=1) / C
+    mean_dn_n = tl.sum(dnormed * normed, axis=1) / C
+    return (dnormed - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None]
+
+
+@triton.jit
+def _store_affine_sums(row, cols, col_ok, daffine, normed, BLOCK: tl.constexpr):
+    """This program's sums over its tokens of the affine's weight and bias gradients, at
+    ``row`` and ``row + BLOCK``."""
+    tl.store(row + cols, tl.sum(daffine * normed, axis=0), mask=col_ok)
+    tl.store(row + BLOCK + cols, tl.sum(daffine, axis=0), mask=col_ok)
+
+
+@triton.jit
+def _image_rows(N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``ROWS`` tokens of image ``program_id(0)`` (chunk ``program_id(1)``) of ``(B, N, C)``:
+    offsets, the mask, the channel indices and their mask."""
     rows = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     col_ok = cols < C
     mask = (rows < N)[:, None] & col_ok[None, :]
-    offsets = (batch * N + rows).to(tl.int64)[:, None] * C + cols[None, :]
+    return (tl.program_id(0) * N + rows).to(tl.int64)[:, None] * C + cols[None, :], mask, cols, col_ok
+
+
+@triton.jit
+def _load_tile(mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps,
+               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The program's tokens (``ROWS`` of image ``program_id(0)``): offsets, masks, the
+    inputs as float32, the product normalised and its rstd, the norm's weight."""
+    offsets, mask, cols, col_ok = _image_rows(N, C, ROWS, BLOCK_C)
+    batch = tl.program_id(0)
     mixed = tl.load(mixed_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     grid = tl.load(grid_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + batch * C + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -94,11 +123,7 @@ def _modulated_norm_bwd_kernel(dout_ptr, mixed_ptr, grid_ptr, gate_ptr, scale_pt
         mixed_ptr, grid_ptr, gate_ptr, scale_ptr, weight_ptr, N, C, eps, ROWS, BLOCK_C)
     dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
-    # LayerNorm backward: dp = rstd * (dn - mean(dn) - n * mean(dn * n)), dn = dout * weight
-    dnormed = dout * weight[None, :]
-    mean_dn = tl.sum(dnormed, axis=1) / C
-    mean_dn_n = tl.sum(dnormed * normed, axis=1) / C
-    dproduct = tl.where(mask, (dnormed - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None], 0.0)
+    dproduct = tl.where(mask, _normalise_backward(dout * weight[None, :], normed, rstd, C), 0.0)
 
     tl.store(dmixed_ptr + offsets, (dproduct * scale * grid * gate[None, :]).to(dmixed_ptr.dtype.element_ty),
              mask=mask)
@@ -110,8 +135,7 @@ def _modulated_norm_bwd_kernel(dout_ptr, mixed_ptr, grid_ptr, gate_ptr, scale_pt
     through = tl.sum(dproduct * mixed * grid, axis=0)  # d p / d (skip_scale * gate), summed
     row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (4 * BLOCK_C)
     tl.store(row + cols, through * scale, mask=col_ok)
-    tl.store(row + BLOCK_C + cols, tl.sum(dout * normed, axis=0), mask=col_ok)
-    tl.store(row + 2 * BLOCK_C + cols, tl.sum(dout, axis=0), mask=col_ok)
+    _store_affine_sums(row + BLOCK_C, cols, col_ok, dout, normed, BLOCK_C)
     tl.store(row + 3 * BLOCK_C, tl.sum(through * gate, axis=0))
 
 
@@ -158,16 +182,44 @@ def _gated_norm_bwd_kernel(dout_ptr, ys_ptr, z_ptr, weight_ptr, bias_ptr, dys_pt
     tl.store(dz_ptr + offsets, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
     daffine = tl.where(mask, dout * z * sigmoid, 0.0)
-    dnormed = daffine * weight[None, :]
-    mean_dn = tl.sum(dnormed, axis=1) / D
-    mean_dn_n = tl.sum(dnormed * normed, axis=1) / D
-    dys = (dnormed - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None]
+    dys = _normalise_backward(daffine * weight[None, :], normed, rstd, D)
     tl.store(dys_ptr + offsets, dys.to(dys_ptr.dtype.element_ty), mask=mask)
 
     # per-program partial sums over the tokens: d weight, d bias of this group
     row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (2 * BLOCK_D)
-    tl.store(row + cols, tl.sum(daffine * normed, axis=0), mask=col_ok)
-    tl.store(row + BLOCK_D + cols, tl.sum(daffine, axis=0), mask=col_ok)
+    _store_affine_sums(row, cols, col_ok, daffine, normed, BLOCK_D)
+
+
+@triton.jit
+def _pooled_norm_fwd_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, part_ptr, N, C, eps,
+                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask, cols, col_ok = _image_rows(N, C, ROWS, BLOCK_C)
+    normed, _ = _normalise(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out = (normed * weight[None, :] + bias[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, out, mask=mask)
+    # the tokens' sum of the output as stored, a row of BLOCK_C per program
+    row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * BLOCK_C
+    tl.store(row + cols, tl.sum(tl.where(mask, out.to(tl.float32), 0.0), axis=0), mask=col_ok)
+
+
+@triton.jit
+def _pooled_norm_bwd_kernel(dout_ptr, dpooled_ptr, x_ptr, weight_ptr, dx_ptr, part_ptr, N, C, eps,
+                            ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask, cols, col_ok = _image_rows(N, C, ROWS, BLOCK_C)
+    normed, rstd = _normalise(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
+    weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    # the mean token's gradient reaches every token of its image, divided by N
+    dpooled = tl.load(dpooled_ptr + tl.program_id(0) * C + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dout = tl.where(mask, tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + dpooled[None, :] / N,
+                    0.0)
+    dx = _normalise_backward(dout * weight[None, :], normed, rstd, C)
+    tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    # per-program partial sums over the tokens: d weight, d bias
+    row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (2 * BLOCK_C)
+    _store_affine_sums(row, cols, col_ok, dout, normed, BLOCK_C)
 
 
 @triton.jit
@@ -206,20 +258,15 @@ def _residual_norm_bwd_kernel(dtotal_ptr, dout_ptr, total_ptr, keep_ptr, weight_
     normed, rstd = _normalise(tl.load(total_ptr + offsets, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dnormed = dout * weight[None, :]
-    mean_dn = tl.sum(dnormed, axis=1) / C
-    mean_dn_n = tl.sum(dnormed * normed, axis=1) / C
     dtotal = tl.load(dtotal_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    dtotal += tl.where(mask, (dnormed - mean_dn[:, None] - normed * mean_dn_n[:, None]) * rstd[:, None], 0.0)
+    dtotal += tl.where(mask, _normalise_backward(dout * weight[None, :], normed, rstd, C), 0.0)
     tl.store(dx_ptr + offsets, dtotal.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_KEEP:
         dtotal = dtotal * tl.load(keep_ptr + images, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     tl.store(dbranch_ptr + offsets, dtotal.to(dbranch_ptr.dtype.element_ty), mask=mask)
 
     # per-program partial sums over the tokens: d weight, d bias
-    row = part_ptr + tl.program_id(0).to(tl.int64) * (2 * BLOCK_C)
-    tl.store(row + cols, tl.sum(dout * normed, axis=0), mask=col_ok)
-    tl.store(row + BLOCK_C + cols, tl.sum(dout, axis=0), mask=col_ok)
+    _store_affine_sums(part_ptr + tl.program_id(0).to(tl.int64) * (2 * BLOCK_C), cols, col_ok, dout, normed, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------
@@ -314,3 +361,29 @@ def residual_norm_bwd(dtotal, dout, total, keep, weight, eps: float, x_dtype, br
         dtotal, dout, total, total if keep is None else keep, weight, dx, dbranch, parts, B * N, N, C, eps,
         HAS_KEEP=keep is not None, ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
     return dx, dbranch, parts[:, 0, :C].sum(0), parts[:, 1, :C].sum(0)
+
+
+def pooled_norm_fwd(x, weight, bias, eps: float, out_dtype):
+    """``x`` contiguous ``(B, N, C)``: its LayerNorm ``(B, N, C)`` in ``out_dtype`` and the
+    mean token of that, ``(B, 1, C)`` in ``out_dtype``."""
+    B, N, C = x.shape
+    rows, block_c = _launch_shape(N, C)
+    chunks = triton.cdiv(N, rows)
+    out = torch.empty((B, N, C), dtype=out_dtype, device=x.device)
+    parts = torch.empty((B, chunks, block_c), dtype=torch.float32, device=x.device)
+    _pooled_norm_fwd_kernel[(B, chunks)](x, weight, bias, out, parts, N, C, eps,
+                                         ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
+    return out, (parts[:, :, :C].sum(1, keepdim=True) / N).to(out_dtype)
+
+
+def pooled_norm_bwd(dout, dpooled, x, weight, eps: float):
+    """Gradients of :func:`pooled_norm_fwd` from those of its two outputs: ``dx`` (in
+    ``x``'s dtype) and float32 ``dweight``, ``dbias``."""
+    B, N, C = x.shape
+    rows, block_c = _launch_shape(N, C)
+    chunks = triton.cdiv(N, rows)
+    dx = torch.empty_like(x)
+    parts = torch.empty((B, chunks, 2, block_c), dtype=torch.float32, device=x.device)
+    _pooled_norm_bwd_kernel[(B, chunks)](dout, dpooled, x, weight, dx, parts, N, C, eps,
+                                         ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
+    return dx, parts[:, :, 0, :C].sum((0, 1)), parts[:, :, 1, :C].sum((0, 1))
