@@ -223,24 +223,12 @@ def _pooled_norm_bwd_kernel(dout_ptr, dpooled_ptr, x_ptr, weight_ptr, dx_ptr, pa
 
 
 @triton.jit
-def _residual_rows(tokens, N, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The program's tokens of the flattened ``(B * N, C)``: offsets, masks, image indices."""
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    row_ok = rows < tokens
-    mask = row_ok[:, None] & col_ok[None, :]
-    return rows[:, None] * C + cols[None, :], mask, cols, col_ok, rows // N, row_ok
-
-
-@triton.jit
 def _residual_norm_fwd_kernel(x_ptr, branch_ptr, keep_ptr, weight_ptr, bias_ptr, total_ptr, out_ptr,
-                              tokens, N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
-                              BLOCK_C: tl.constexpr):
-    offsets, mask, cols, col_ok, images, row_ok = _residual_rows(tokens, N, C, ROWS, BLOCK_C)
+                              N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    offsets, mask, cols, col_ok = _image_rows(N, C, ROWS, BLOCK_C)
     branch = tl.load(branch_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_KEEP:
-        branch = branch * tl.load(keep_ptr + images, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_KEEP:  # the image's stochastic-depth factor
+        branch = branch * tl.load(keep_ptr + tl.program_id(0)).to(tl.float32)
     total = (tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) + branch).to(total_ptr.dtype.element_ty)
     tl.store(total_ptr + offsets, total, mask=mask)
     # normalised as stored: the backward recomputes from the stored total
@@ -252,9 +240,9 @@ def _residual_norm_fwd_kernel(x_ptr, branch_ptr, keep_ptr, weight_ptr, bias_ptr,
 
 @triton.jit
 def _residual_norm_bwd_kernel(dtotal_ptr, dout_ptr, total_ptr, keep_ptr, weight_ptr, dx_ptr, dbranch_ptr,
-                              part_ptr, tokens, N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
+                              part_ptr, N, C, eps, HAS_KEEP: tl.constexpr, ROWS: tl.constexpr,
                               BLOCK_C: tl.constexpr):
-    offsets, mask, cols, col_ok, images, row_ok = _residual_rows(tokens, N, C, ROWS, BLOCK_C)
+    offsets, mask, cols, col_ok = _image_rows(N, C, ROWS, BLOCK_C)
     normed, rstd = _normalise(tl.load(total_ptr + offsets, mask=mask, other=0.0).to(tl.float32), mask, C, eps)
     weight = tl.load(weight_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     dout = tl.load(dout_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -262,11 +250,12 @@ def _residual_norm_bwd_kernel(dtotal_ptr, dout_ptr, total_ptr, keep_ptr, weight_
     dtotal += tl.where(mask, _normalise_backward(dout * weight[None, :], normed, rstd, C), 0.0)
     tl.store(dx_ptr + offsets, dtotal.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_KEEP:
-        dtotal = dtotal * tl.load(keep_ptr + images, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+        dtotal = dtotal * tl.load(keep_ptr + tl.program_id(0)).to(tl.float32)
     tl.store(dbranch_ptr + offsets, dtotal.to(dbranch_ptr.dtype.element_ty), mask=mask)
 
     # per-program partial sums over the tokens: d weight, d bias
-    _store_affine_sums(part_ptr + tl.program_id(0).to(tl.int64) * (2 * BLOCK_C), cols, col_ok, dout, normed, BLOCK_C)
+    row = part_ptr + (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)).to(tl.int64) * (2 * BLOCK_C)
+    _store_affine_sums(row, cols, col_ok, dout, normed, BLOCK_C)
 
 
 # ----------------------------------------------------------------------------------
@@ -341,9 +330,9 @@ def residual_norm_fwd(x, branch, keep, weight, bias, eps: float, out_dtype):
     B, N, C = x.shape
     total = torch.empty((B, N, C), dtype=torch.promote_types(x.dtype, branch.dtype), device=x.device)
     out = torch.empty((B, N, C), dtype=out_dtype, device=x.device)
-    rows, block_c = _launch_shape(B * N, C)
-    _residual_norm_fwd_kernel[(triton.cdiv(B * N, rows),)](
-        x, branch, x if keep is None else keep, weight, bias, total, out, B * N, N, C, eps,
+    rows, block_c = _launch_shape(N, C)
+    _residual_norm_fwd_kernel[(B, triton.cdiv(N, rows))](
+        x, branch, x if keep is None else keep, weight, bias, total, out, N, C, eps,
         HAS_KEEP=keep is not None, ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
     return total, out
 
@@ -352,15 +341,15 @@ def residual_norm_bwd(dtotal, dout, total, keep, weight, eps: float, x_dtype, br
     """Gradients of :func:`residual_norm_fwd` from those of its two outputs: ``dx``,
     ``dbranch`` (in ``x_dtype``, ``branch_dtype``) and float32 ``dweight``, ``dbias``."""
     B, N, C = total.shape
-    rows, block_c = _launch_shape(B * N, C)
-    programs = triton.cdiv(B * N, rows)
+    rows, block_c = _launch_shape(N, C)
+    chunks = triton.cdiv(N, rows)
     dx = torch.empty((B, N, C), dtype=x_dtype, device=total.device)
     dbranch = torch.empty((B, N, C), dtype=branch_dtype, device=total.device)
-    parts = torch.empty((programs, 2, block_c), dtype=torch.float32, device=total.device)
-    _residual_norm_bwd_kernel[(programs,)](
-        dtotal, dout, total, total if keep is None else keep, weight, dx, dbranch, parts, B * N, N, C, eps,
+    parts = torch.empty((B, chunks, 2, block_c), dtype=torch.float32, device=total.device)
+    _residual_norm_bwd_kernel[(B, chunks)](
+        dtotal, dout, total, total if keep is None else keep, weight, dx, dbranch, parts, N, C, eps,
         HAS_KEEP=keep is not None, ROWS=rows, BLOCK_C=block_c, num_warps=CONFIG["warps"])
-    return dx, dbranch, parts[:, 0, :C].sum(0), parts[:, 1, :C].sum(0)
+    return dx, dbranch, parts[:, :, 0, :C].sum((0, 1)), parts[:, :, 1, :C].sum((0, 1))
 
 
 def pooled_norm_fwd(x, weight, bias, eps: float, out_dtype):
