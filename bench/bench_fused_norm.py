@@ -133,9 +133,10 @@ def time_ms(fn, inputs, backward: bool, constants=()) -> float:
     return do_bench(run, warmup=25, rep=100)
 
 
-def bench_op(name, unfused, fused, make_inputs, bytes_per_element, batch, tokens, channels) -> list[dict]:
+def bench_op(name, unfused, fused, make_inputs, bytes_per_element, constants, batch, tokens,
+             channels) -> list[dict]:
+    """The rows of one op at one shape; ``constants``: the inputs that take no gradient."""
     inputs = make_inputs(batch, tokens, channels)
-    constants = (2,) if name == "residual" else ()  # stochastic depth's factors take no gradient
     elements = batch * tokens * channels
     compiled = torch.compile(unfused)
     rows = []
@@ -148,6 +149,14 @@ def bench_op(name, unfused, fused, make_inputs, bytes_per_element, batch, tokens
     return rows
 
 
+# (name, unfused, fused, inputs, bytes per element, inputs that take no gradient: the
+# residual norm's stochastic-depth factors)
+OPS = (("pooled", pooled_unfused, pooled_fused, pooled_inputs, POOLED_BYTES, ()),
+       ("modulated", modulated_unfused, modulated_fused, modulated_inputs, MODULATED_BYTES, ()),
+       ("gated", gated_unfused, gated_fused, gated_inputs, GATED_BYTES, ()),
+       ("residual", residual_unfused, residual_fused, residual_inputs, RESIDUAL_BYTES, (2,)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not (torch.cuda.is_available() and fused_norm.HAS_TRITON):
@@ -155,10 +164,7 @@ def main(argv=None) -> int:
     rows = []
     for stage in args.stages:
         tokens, channels = STAGES[stage]
-        for op in (("pooled", pooled_unfused, pooled_fused, pooled_inputs, POOLED_BYTES),
-                   ("modulated", modulated_unfused, modulated_fused, modulated_inputs, MODULATED_BYTES),
-                   ("gated", gated_unfused, gated_fused, gated_inputs, GATED_BYTES),
-                   ("residual", residual_unfused, residual_fused, residual_inputs, RESIDUAL_BYTES)):
+        for op in OPS:
             for row in bench_op(*op, args.batch, tokens, channels):
                 rows.append({"stage": stage, **row})
                 print(json.dumps(rows[-1]), flush=True)

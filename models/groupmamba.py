@@ -182,7 +182,7 @@ class GroupMambaLayer(nn.Module):
                                                              norm.bias, norm.eps, _activation_dtype(x)))
         # the release's order of products; folding skip_scale into the gate first saves
         # one full-size multiply but measurably loses float32 accuracy in skip_scale's gradient
-        return self.proj(self.norm(mixed * self.skip_scale * x * gate))
+        return self.proj(norm(mixed * self.skip_scale * x * gate))
 
 
 class StochasticDepth(nn.Module):
@@ -369,9 +369,9 @@ class GroupMamba(nn.Module):
         low_memory: on CUDA with Triton, run the depth-wise convs with their activation
             (and the feed-forward's fc2), the LayerNorms with the work around them (each
             mixer's mean token and products, its scans' output gates, each block's
-            residual sum) as fused
-            kernels whose backward recomputes what they skip keeping: the same numerics,
-            about a third less activation memory (``bench/RESULTS.md``).
+            residual sum) as fused kernels whose backward recomputes what they skip
+            keeping: the same numerics, about a third less activation memory
+            (``bench/RESULTS.md``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,

@@ -30,7 +30,6 @@ from kernels import HAS_TRITON  # re-exported: whether Triton is installed
 
 __all__ = ["HAS_TRITON", "conv3x3_act_linear", "reference", "ACTIVATION_FUNCTIONS"]
 
-
 ACTIVATION_FUNCTIONS = {"none": lambda t: t, "gelu": F.gelu, "silu": F.silu}
 
 _OP = "groupmamba_dwconv::conv3x3_act_linear"

@@ -26,7 +26,6 @@ everything accumulates in float32.
   and the per-program partial sums added up on the host (deterministic, no
   atomics).
 """
-
 import torch
 
 from kernels import load_triton

@@ -65,6 +65,13 @@ def _kernels():
     return triton_norm
 
 
+def _check_affine(weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], shape: tuple) -> None:
+    """A LayerNorm's weight and bias must both be there, of ``shape``."""
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {None if t is None else tuple(t.shape)}")
+
+
 # --------------------------------------------------------------------------- modulated norm
 
 @torch.library.custom_op(_MODULATED, mutates_args=())
@@ -119,9 +126,7 @@ def _check_modulated_arguments(mixed, skip_scale, grid, gate, weight, bias) -> N
         raise ValueError(f"gate must be (B, 1, C) = {(batch, 1, channels)}, got {tuple(gate.shape)}")
     if skip_scale.numel() != 1:
         raise ValueError(f"skip_scale must hold one value, got shape {tuple(skip_scale.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or t.shape != (channels,):
-            raise ValueError(f"{name} must be ({channels},), got {None if t is None else tuple(t.shape)}")
+    _check_affine(weight, bias, (channels,))
 
 
 def modulated_layer_norm(mixed: torch.Tensor, skip_scale: torch.Tensor, grid: torch.Tensor, gate: torch.Tensor,
@@ -191,9 +196,7 @@ def _check_gated_arguments(ys, z, weight, bias) -> None:
     if z.shape[-1] != groups * width or z.numel() != ys.numel():
         raise ValueError(f"z must be (..., G * D) with one value for each of ys (G * D = {groups * width}), "
                          f"got z {tuple(z.shape)} for ys {tuple(ys.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t.shape != (groups, width):
-            raise ValueError(f"{name} must be (G, D) = {(groups, width)}, got {tuple(t.shape)}")
+    _check_affine(weight, bias, (groups, width))
 
 
 def gated_group_norm(ys: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -267,9 +270,7 @@ _pooled_forward.register_autograd(_pooled_backward_rule, setup_context=_pooled_s
 def _check_pooled_arguments(x, weight, bias) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be (B, N, C), got {tuple(x.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or t.shape != x.shape[-1:]:
-            raise ValueError(f"{name} must be ({x.shape[-1]},), got {None if t is None else tuple(t.shape)}")
+    _check_affine(weight, bias, tuple(x.shape[-1:]))
 
 
 def pooled_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
@@ -344,9 +345,7 @@ def _check_residual_arguments(x, branch, keep, weight, bias) -> None:
         raise ValueError(f"x and branch must both be (B, N, C), got {tuple(x.shape)} and {tuple(branch.shape)}")
     if keep is not None and keep.shape != x.shape[:1]:
         raise ValueError(f"keep must be (B,) = ({x.shape[0]},) or None, got {tuple(keep.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None or t.shape != x.shape[-1:]:
-            raise ValueError(f"{name} must be ({x.shape[-1]},), got {None if t is None else tuple(t.shape)}")
+    _check_affine(weight, bias, tuple(x.shape[-1:]))
 
 
 def residual_layer_norm(x: torch.Tensor, branch: torch.Tensor, keep: Optional[torch.Tensor], weight: torch.Tensor,

@@ -42,7 +42,6 @@ __all__ = ["DIRECTION_CODES", "HAS_TRITON", "SCAN_BACKENDS", "fused_scan", "refe
 # the values of GroupMamba's scan_backend (and of the scripts' --scan-backend)
 SCAN_BACKENDS = ("auto", "grid") + sequence_scan.BACKENDS
 
-
 # bit 0: column-major, bit 1: reversed (the kernels decode the same bits)
 DIRECTION_CODES = {"row": 0, "col": 1, "row_reversed": 2, "col_reversed": 3}
 

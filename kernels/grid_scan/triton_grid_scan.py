@@ -30,7 +30,6 @@ tile transposed (steps along axis 0):
   ``ddelta_bias`` are summed over the steps in registers and written per batch
   element; the host adds those partial sums (deterministic).
 """
-
 import torch
 
 from kernels import load_triton
