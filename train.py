@@ -85,7 +85,7 @@ class Parts:
 
 def build_parts(config, plan, num_classes: int, steps_per_epoch: int, env: DistEnv, teacher) -> Parts:
     kwargs = {"num_classes": num_classes, **({"drop_path_rate": config.drop_path} if config.drop_path > 0 else {})}
-    model = create_model(config.model, scan_backend=plan.scan_backend, low_memory=plan.low_memory, **kwargs)
+    model = create_model(config.model, scan_backend=plan.scan_backend, fused_kernels=plan.fused_kernels, **kwargs)
     if not set_grad_checkpointing(model, plan):
         log.warning("%s has no gradient checkpointing: it trains with all activations kept", config.model)
     if isinstance(getattr(model, "distillation", None), bool):

@@ -12,10 +12,13 @@ forward + backward are timed three ways:
 - ``compiled``: the same unfused ops through ``torch.compile`` (what inductor fuses by
   itself in a compiled run).
 
-Times are ``triton.testing.do_bench`` medians in ms. ``TB/s`` is the traffic floor (one
-read of each full-size input, one write of each full-size output, in the dtypes the
-model uses: bf16 activations, float32 LayerNorm input and scan output) over the time,
-to compare with the GPU's memory bandwidth (~3.35 TB/s on an H100 SXM, ~4.8 on an H200).
+Times are GPU times, medians in ms of ``triton.testing.do_bench_cudagraph``: the calls
+are replayed from a CUDA graph, as a training step with ``--cuda-graph`` runs them
+(without one, the small stages would time Python's launch overhead). ``TB/s`` is the
+traffic floor (one read of each full-size input, one write of each full-size output, in
+the dtypes the model uses: bf16 activations, float32 LayerNorm input and scan output)
+over the time, to compare with the GPU's memory bandwidth (~3.35 TB/s on an H100 SXM,
+~4.8 on an H200).
 """
 from __future__ import annotations
 
@@ -120,17 +123,17 @@ def residual_inputs(batch, tokens, channels):
 
 def time_ms(fn, inputs, backward: bool, constants=()) -> float:
     """Median ms of ``fn(*inputs)`` (and its backward to every input not in ``constants``)."""
-    from triton.testing import do_bench  # noqa: PLC0415 - GPU only
+    from triton.testing import do_bench_cudagraph  # noqa: PLC0415 - GPU only
     leaves = [t.detach().requires_grad_(backward and index not in constants) for index, t in enumerate(inputs)]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    douts = [torch.randn_like(o) for o in outs]
+    with torch.no_grad():  # a graph kept alive here would tie the leaves' gradients to this stream
+        outs = fn(*leaves)
+    douts = [torch.randn_like(o) for o in (outs if isinstance(outs, tuple) else (outs,))]
 
     def run():
         result = fn(*leaves)
         if backward:
             torch.autograd.grad(result, [t for t in leaves if t.requires_grad], douts)
-    return do_bench(run, warmup=25, rep=100)
+    return do_bench_cudagraph(run, rep=100, return_mode="median")
 
 
 def bench_op(name, unfused, fused, make_inputs, bytes_per_element, constants, batch, tokens,
@@ -138,6 +141,7 @@ def bench_op(name, unfused, fused, make_inputs, bytes_per_element, constants, ba
     """The rows of one op at one shape; ``constants``: the inputs that take no gradient."""
     inputs = make_inputs(batch, tokens, channels)
     elements = batch * tokens * channels
+    torch._dynamo.reset()  # a fresh compile for each shape: past the recompile limit dynamo runs eager code
     compiled = torch.compile(unfused)
     rows = []
     for backward, bytes_each in zip((False, True), bytes_per_element):

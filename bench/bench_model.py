@@ -6,8 +6,9 @@
 
 The speed options are train.py's (``--scan-backend``, ``--compile``, ``--cuda-graph``,
 ``--low-memory``, ``--grad-checkpointing``, decided by ``utils.accel.plan_speed``), so a
-row measures what a training run with the same flags runs. For each model, on one GPU,
-with synthetic data:
+row measures what a training run with the same flags runs (the fused kernels included:
+on with a CUDA graph or ``--low-memory``; ``--unfused`` measures PyTorch's ops in their
+place). For each model, on one GPU, with synthetic data:
 
 - training images/s: forward + backward + AdamW step under bf16 autocast
   (``--train-batch``, default 128, at ``--img-size``, default 224);
@@ -73,12 +74,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write (update) the results here")
     add_speed_arguments(parser, switch_default="off")
     expert = parser.add_argument_group("kernels and profiles")
+    expert.add_argument("--unfused", action="store_true",
+                        help="PyTorch's ops where the plan would run the fused kernels: the baseline they are "
+                             "measured against")
     expert.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N kernels with the most GPU time per training (and inference) step")
     expert.add_argument("--kernels-json", type=Path, default=None,
                         help="write every kernel of each profiled step here (name, ms, calls), one entry per row")
     expert.add_argument("--dwconv-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="launch settings of the fused conv kernels (--low-memory), e.g. rows_per_program=16")
+                        help="launch settings of the fused conv kernels, e.g. rows_per_program=16")
     expert.add_argument("--grid-scan-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="launch settings of the grid scan's kernels, e.g. fwd_block_t=64")
     expert.add_argument("--inductor-config", nargs="*", default=[], metavar="KEY=VALUE",
@@ -212,11 +216,12 @@ def speed_plan(name: str, args) -> SpeedPlan:
     plan = plan_speed(request, DistEnv(device=torch.device("cuda")), grad_scaling=False)
     if plan.compile is not False:  # --compile auto compiles a run long enough to pay: a benchmark's steady state
         use_cache_dir(resolve_cache_dir(args.compile_cache))
-    return replace(plan, compile=plan.compile is not False)
+    return replace(plan, compile=plan.compile is not False, fused_kernels=plan.fused_kernels and not args.unfused)
 
 
 def mode_name(plan: SpeedPlan) -> str:
-    return "+".join([m for m, on in (("compile", plan.compile), ("cuda-graph", plan.cuda_graph)) if on]) or "eager"
+    return "+".join([m for m, on in (("compile", plan.compile), ("cuda-graph", plan.cuda_graph),
+                                     ("fused", plan.fused_kernels)) if on]) or "eager"
 
 
 def first_call_seconds(step) -> float:
@@ -281,14 +286,14 @@ def bench_one(name: str, args, size: int, train_batch: int, infer: bool = True) 
     torch._dynamo.reset()  # each row compiles afresh (and pays for it)
     plan = speed_plan(name, args)
     row = {"model": name, "scan_backend": plan.scan_backend, "mode": mode_name(plan),
-           "low_memory": plan.low_memory, "grad_checkpointing": plan.grad_checkpointing, "img_size": size,
-           "train_batch": train_batch}
+           "fused_kernels": plan.fused_kernels, "low_memory": plan.low_memory,
+           "grad_checkpointing": plan.grad_checkpointing, "img_size": size, "train_batch": train_batch}
     row.update({key: value for key in ("dwconv_config", "grid_scan_config", "inductor_config")
                 if (value := getattr(args, key))})
     if args.profile:
         print(f"--- {name} {row['mode']}", flush=True)
     model = models.create_model(name, num_classes=args.num_classes, scan_backend=plan.scan_backend,
-                                low_memory=plan.low_memory).cuda()
+                                fused_kernels=plan.fused_kernels).cuda()
     set_grad_checkpointing(model, plan)
     tables = {}
     try:

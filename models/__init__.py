@@ -57,10 +57,10 @@ def check_model_name(name: str) -> None:
 
 def create_model(model_name: str, pretrained: bool = False,
                  checkpoint_path: Optional[Union[str, os.PathLike]] = None, strict: bool = True, *,
-                 scan_backend: Optional[str] = None, low_memory: bool = False, **kwargs) -> nn.Module:
+                 scan_backend: Optional[str] = None, fused_kernels: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` for any timm name, the GroupMamba variants registered.
 
-    ``scan_backend`` and ``low_memory`` are GroupMamba's (see :class:`GroupMamba`); other
+    ``scan_backend`` and ``fused_kernels`` are GroupMamba's (see :class:`GroupMamba`); other
     models ignore them. ``checkpoint_path`` goes through :func:`load_pretrained` (an
     official release, a bare state dict or a checkpoint of ours; heads of another class
     count re-initialised); a checkpoint of ours also sets ``model.pretrained_cfg`` to the
@@ -68,7 +68,7 @@ def create_model(model_name: str, pretrained: bool = False,
     """
     check_model_name(model_name)
     if is_groupmamba(model_name):
-        kwargs.update(low_memory=low_memory, **({"scan_backend": scan_backend} if scan_backend else {}))
+        kwargs.update(fused_kernels=fused_kernels, **({"scan_backend": scan_backend} if scan_backend else {}))
     try:
         model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
     except TypeError as exc:

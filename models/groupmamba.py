@@ -68,21 +68,21 @@ class DWConv(nn.Module):
 class ConvMlp(nn.Module):
     """PVT-v2 feed-forward: fc1, depth-wise conv, GELU, fc2.
 
-    With ``low_memory`` on CUDA with Triton, the conv, GELU and fc2 run as one fused op
+    With ``fused_kernels`` on CUDA with Triton, the conv, GELU and fc2 run as one fused op
     (:mod:`kernels.depthwise_conv`) that keeps only fc1's output for the backward pass.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, low_memory: bool = False):
+    def __init__(self, in_features: int, hidden_features: int, fused_kernels: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
         self.dwconv = DWConv(hidden_features)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_features, in_features)
-        self.low_memory = low_memory
+        self.fused_kernels = fused_kernels
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         x = self.fc1(x)
-        if self.low_memory and triton_runs_on(x):
+        if self.fused_kernels and triton_runs_on(x):
             conv = self.dwconv.dwconv
             grid = x.view(x.shape[0], height, width, x.shape[-1])
             out = depthwise_conv.conv3x3_act_linear(grid, conv.weight, conv.bias, "gelu",
@@ -119,7 +119,7 @@ class GroupMambaLayer(nn.Module):
     """
 
     def __init__(self, input_dim: int, output_dim: int, d_state: int = 1, d_conv: int = 3,
-                 expand: float = 1, reduction: int = 16, scan_backend: str = "auto", low_memory: bool = False):
+                 expand: float = 1, reduction: int = 16, scan_backend: str = "auto", fused_kernels: bool = False):
         super().__init__()
         if input_dim % len(SCAN_DIRECTIONS):
             raise ValueError(f"GroupMambaLayer splits channels into {len(SCAN_DIRECTIONS)} groups; "
@@ -145,7 +145,7 @@ class GroupMambaLayer(nn.Module):
         # in the batched pipeline the depth-wise conv + SiLU (kernels.depthwise_conv) and
         # the output norm with its gate, and the products with the LayerNorm before proj
         # (kernels.fused_norm)
-        self.low_memory = low_memory
+        self.fused_kernels = fused_kernels
 
     def group_scans(self) -> list[SS2D]:
         return [getattr(self, f"mamba_g{index}") for index in range(1, len(SCAN_DIRECTIONS) + 1)]
@@ -158,7 +158,7 @@ class GroupMambaLayer(nn.Module):
         """Each channel quarter of ``(B, H, W, C)`` through its own SS2D, concatenated."""
         scans = self.group_scans()
         if self.batch_groups and can_batch(scans):
-            return grouped_ss2d(scans, grid, fused=self.low_memory)
+            return grouped_ss2d(scans, grid, fused=self.fused_kernels)
         groups = grid.chunk(len(scans), dim=-1)
         return torch.cat([scan(group) for scan, group in zip(scans, groups)], dim=-1)
 
@@ -167,7 +167,7 @@ class GroupMambaLayer(nn.Module):
             x = x.float()  # as released: fp16 activations enter the mixer in float32
         batch, tokens, channels = x.shape
         norm = self.norm
-        fused = self.low_memory and triton_runs_on(x)
+        fused = self.fused_kernels and triton_runs_on(x)
         if fused:  # the norm and its mean token in one kernel
             x, pooled = fused_norm.pooled_layer_norm(x, norm.weight, norm.bias, norm.eps, _layer_norm_dtype(x))
         else:
@@ -225,19 +225,19 @@ class GroupMambaBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float, drop_path: float = 0.0,
                  norm_layer: Callable[[int], nn.Module] = nn.LayerNorm, scan_backend: str = "auto",
-                 low_memory: bool = False):
+                 fused_kernels: bool = False):
         super().__init__()
         self.norm2 = norm_layer(dim)
-        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, low_memory=low_memory)
-        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), low_memory=low_memory)
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, fused_kernels=fused_kernels)
+        self.mlp = ConvMlp(dim, int(dim * mlp_ratio), fused_kernels=fused_kernels)
         self.drop_path = StochasticDepth(drop_path)
         # on CUDA, the residual sum and norm2 as one fused op (kernels.fused_norm)
-        self.low_memory = low_memory
+        self.fused_kernels = fused_kernels
 
     def forward(self, x: torch.Tensor, height: int, width: int) -> torch.Tensor:
         branch = self.attn(x, height, width)
         norm = self.norm2
-        if self.low_memory and triton_runs_on(x) and _is_affine_layer_norm(norm):
+        if self.fused_kernels and triton_runs_on(x) and _is_affine_layer_norm(norm):
             x, normed = fused_norm.residual_layer_norm(x, branch, self.drop_path.keep_factors(branch), norm.weight,
                                                        norm.bias, norm.eps, _activation_dtype(x))
         else:
@@ -255,11 +255,11 @@ class ClassBlock(nn.Module):
     """
 
     def __init__(self, dim: int, mlp_ratio: float, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
-                 scan_backend: str = "auto", low_memory: bool = False):
+                 scan_backend: str = "auto", fused_kernels: bool = False):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.norm2 = norm_layer(dim)
-        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, low_memory=low_memory)
+        self.attn = GroupMambaLayer(dim, dim, scan_backend=scan_backend, fused_kernels=fused_kernels)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, cls_token: torch.Tensor) -> torch.Tensor:
@@ -366,19 +366,19 @@ class GroupMamba(nn.Module):
             :data:`kernels.grid_scan.SCAN_BACKENDS`: ``"auto"`` (the grid scan on CUDA
             with Triton, the pure-PyTorch scan on the CPU), ``"grid"``, ``"triton"``,
             ``"cuda"`` or ``"torch"``.
-        low_memory: on CUDA with Triton, run the depth-wise convs with their activation
+        fused_kernels: on CUDA with Triton, run the depth-wise convs with their activation
             (and the feed-forward's fc2), the LayerNorms with the work around them (each
             mixer's mean token and products, its scans' output gates, each block's
             residual sum) as fused kernels whose backward recomputes what they skip
-            keeping: the same numerics, about a third less activation memory
-            (``bench/RESULTS.md``).
+            keeping: the same numerics, about half the activation memory, and faster
+            steps where a CUDA graph hides their launches (``bench/RESULTS.md``).
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000, stem_hidden_dim: int = 32,
                  embed_dims: Sequence[int] = (64, 128, 348, 448), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
                  drop_path_rate: float = 0.0, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
                  depths: Sequence[int] = (3, 4, 6, 3), num_stages: int = 4, distillation: bool = True,
-                 drop_rate: float = 0.0, scan_backend: str = "auto", low_memory: bool = False):
+                 drop_rate: float = 0.0, scan_backend: str = "auto", fused_kernels: bool = False):
         super().__init__()
         self._check_arguments(num_classes, embed_dims, mlp_ratios, depths, num_stages)
         self.num_classes = num_classes
@@ -401,7 +401,7 @@ class GroupMamba(nn.Module):
                 patch_embed = Downsample(embed_dims[stage - 1], embed_dims[stage])
             blocks = nn.ModuleList([
                 GroupMambaBlock(embed_dims[stage], mlp_ratios[stage], drop_path=rates[first_block + index],
-                                norm_layer=norm_layer, scan_backend=scan_backend, low_memory=low_memory)
+                                norm_layer=norm_layer, scan_backend=scan_backend, fused_kernels=fused_kernels)
                 for index in range(depths[stage])])
             first_block += depths[stage]
             # official attribute names, so released state_dict keys match
@@ -411,7 +411,7 @@ class GroupMamba(nn.Module):
 
         self.post_network = nn.ModuleList([
             ClassBlock(embed_dims[-1], mlp_ratios[-1], norm_layer=norm_layer, scan_backend=scan_backend,
-                       low_memory=low_memory)])
+                       fused_kernels=fused_kernels)])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._make_head(num_classes)
         if distillation:

@@ -20,11 +20,11 @@ def grads_under_bf16_autocast(module, x: torch.Tensor, compiled: bool = False, h
     return out.float(), x.grad, {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
-def set_low_memory(module, on: bool) -> None:
-    """Switch the fused (low-memory) path of ``module`` and every submodule that has one."""
+def set_fused_kernels(module, on: bool) -> None:
+    """Switch the fused-kernel path of ``module`` and every submodule that has one."""
     for submodule in module.modules():
-        if hasattr(submodule, "low_memory"):
-            submodule.low_memory = on
+        if hasattr(submodule, "fused_kernels"):
+            submodule.fused_kernels = on
 
 
 def fused_and_unfused_in_float32(module, x: torch.Tensor, *args, seed=None):
@@ -34,7 +34,7 @@ def fused_and_unfused_in_float32(module, x: torch.Tensor, *args, seed=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     results = []
     for fused in (True, False):
-        set_low_memory(module, fused)
+        set_fused_kernels(module, fused)
         module.zero_grad(set_to_none=True)
         xx = x.clone().requires_grad_()
         if seed is not None:
@@ -49,14 +49,18 @@ def fused_and_unfused_in_float32(module, x: torch.Tensor, *args, seed=None):
 # any scale but for its eps): what is left is mostly rounding noise, which a fused
 # kernel sums in another order, so it is compared on the scale of the other gradients.
 SCALE_INVARIANT = ("skip_scale",)
+# Likewise a gradient that is zero but for rounding, such as the scans' decay rates
+# (A_logs) for one-token images, which have no earlier state to decay
+NOISE_LEVEL = 1e-6
 
 
 def assert_grads_close(fused: dict, unfused: dict, rtol: float) -> None:
-    """Each gradient within ``rtol`` (relative); a scale-invariant parameter's within
-    ``rtol`` of the largest gradient's norm."""
+    """Each gradient within ``rtol`` (relative); a scale-invariant parameter's, or one
+    below ``NOISE_LEVEL`` of the largest, within ``rtol`` of the largest gradient's norm."""
     largest = max(g.float().norm().item() for g in unfused.values())
     for name, expected in unfused.items():
-        if name.rsplit(".", 1)[-1] in SCALE_INVARIANT:
+        noise = expected.float().norm().item() < NOISE_LEVEL * largest
+        if noise or name.rsplit(".", 1)[-1] in SCALE_INVARIANT:
             assert (fused[name].float() - expected.float()).norm().item() <= rtol * largest, name
         else:
             assert relative_error(fused[name], expected) < rtol, name

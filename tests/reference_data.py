@@ -26,9 +26,10 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
-def run_reference(reference: dict, device: str = "cpu", scan_backend: str = "auto") -> dict:
+def run_reference(reference: dict, device: str = "cpu", scan_backend: str = "auto",
+                  fused_kernels: bool = False) -> dict:
     """Our model with the reference weights: eval logits, both train heads, every gradient."""
-    model = GroupMamba(**reference["config"], scan_backend=scan_backend,
+    model = GroupMamba(**reference["config"], scan_backend=scan_backend, fused_kernels=fused_kernels,
                        norm_layer=functools.partial(nn.LayerNorm, eps=reference["norm_eps"]))
     model.load_state_dict(reference["state_dict"], strict=True)
     model.to(device)

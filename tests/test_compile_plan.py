@@ -40,10 +40,29 @@ def test_cuda_graphs_are_on_by_default_where_a_groupmamba_can_be_captured():
     assert plan_speed(request(), DistEnv(device=CUDA), grad_scaling=False).compile is None  # decided later
 
 
+@pytest.mark.parametrize("on_cuda, overrides, fused", [
+    (True, {}, True),  # the default: a CUDA graph replays the kernels' launches
+    (True, {"cuda_graph": "off"}, False),  # launched one by one they cost more host time
+    (True, {"cuda_graph": "off", "low_memory": True}, True),  # asked for: memory first
+    (True, {"model": "resnet18", "low_memory": True}, False),  # GroupMamba's kernels only
+    (False, {"low_memory": True}, False),  # Triton kernels run on CUDA only
+])
+def test_fused_kernels_run_where_a_cuda_graph_replays_them_or_memory_is_asked_for(on_cuda, overrides, fused,
+                                                                                    monkeypatch):
+    import utils.accel
+    monkeypatch.setattr(utils.accel, "HAS_TRITON", True)
+    plan = plan_speed(request(**overrides), DistEnv(device=CUDA if on_cuda else CPU), grad_scaling=False)
+    assert plan.fused_kernels is fused
+    assert ("fused kernels" in plan.describe()) is fused
+    monkeypatch.setattr(utils.accel, "HAS_TRITON", False)  # without Triton nothing to fuse with
+    assert not plan_speed(request(**overrides), DistEnv(device=CUDA if on_cuda else CPU),
+                          grad_scaling=False).fused_kernels
+
+
 def test_compile_auto_compiles_runs_long_enough_to_win_back_the_compile_time():
     plan = plan_speed(request(), DistEnv(device=CUDA), grad_scaling=False)
     cold, warm = CacheState(Path("/c"), "cold"), CacheState(Path("/c"), "warm")
-    long_run = decide_compile(plan, "groupmamba_tiny", CUDA, 224, 100 * 2_800, None, cold)
+    long_run = decide_compile(plan, "groupmamba_tiny", CUDA, 224, 100 * 30_000, None, cold)
     assert long_run.compile and "--compile auto: on" in long_run.notes[-1] and "is empty" in long_run.notes[-1]
     short_run = decide_compile(plan, "groupmamba_tiny", CUDA, 224, 2 * 2_800, None, cold)
     assert short_run.compile is False and "--compile auto: off" in short_run.notes[-1]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kernels import depthwise_conv
 from models.groupmamba import ConvMlp, GroupMambaBlock
 from gpu_checks import (assert_grads_close, fused_and_unfused_in_float32, grads_under_bf16_autocast,
-                        relative_error, set_low_memory)
+                        relative_error, set_fused_kernels)
 from subprocesses import run_in_triton_interpreter
 
 def test_reference_equals_the_unfused_feed_forward():
@@ -122,7 +122,7 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and _has_triton()
 
 
 def _block_grads(block, x, fused: bool, compiled: bool = False):
-    set_low_memory(block, fused)
+    set_fused_kernels(block, fused)
     return grads_under_bf16_autocast(block, x, compiled)
 
 
@@ -151,14 +151,14 @@ def test_fused_block_matches_unfused_under_bf16_autocast(compiled):
 
 
 def test_low_memory_leaves_cpu_results_unchanged():
-    """The fused op runs on CUDA only: on the CPU low_memory changes nothing."""
+    """The fused op runs on CUDA only: on the CPU fused_kernels changes nothing."""
     from models import create_model
     images = torch.randn(1, 3, 64, 64)
     outputs = []
-    for low_memory in (False, True):
+    for fused_kernels in (False, True):
         torch.manual_seed(0)
-        model = create_model("groupmamba_tiny", num_classes=3, low_memory=low_memory).eval()
-        assert all(m.low_memory == low_memory for m in model.modules() if hasattr(m, "low_memory"))
+        model = create_model("groupmamba_tiny", num_classes=3, fused_kernels=fused_kernels).eval()
+        assert all(m.fused_kernels == fused_kernels for m in model.modules() if hasattr(m, "fused_kernels"))
         with torch.no_grad():
             outputs.append(model(images))
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)

@@ -90,11 +90,11 @@ def test_ddp_step_does_not_warn_about_gradient_strides(tmp_path):
 
 
 @needs_cuda
-@pytest.mark.parametrize("low_memory, compiled", [(False, False), (True, False), (False, True), (True, True)])
-def test_gradients_have_their_parameters_layout_on_cuda(low_memory, compiled):
-    """The cuDNN convs, the fused low-memory kernels and compiled blocks (GPU)."""
+@pytest.mark.parametrize("fused_kernels, compiled", [(False, False), (True, False), (False, True), (True, True)])
+def test_gradients_have_their_parameters_layout_on_cuda(fused_kernels, compiled):
+    """The cuDNN convs, the fused kernels and compiled blocks (GPU)."""
     from utils.accel import compile_blocks
-    model = small_groupmamba("cuda", low_memory=low_memory).train()
+    model = small_groupmamba("cuda", fused_kernels=fused_kernels).train()
     if compiled:
         compile_blocks(model, dynamic=False)
     train_step(model, "cuda")

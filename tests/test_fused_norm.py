@@ -316,9 +316,9 @@ def test_fused_layer_matches_unfused_in_float32(height, width):
 def test_fused_layer_matches_unfused_under_bf16_autocast(compiled):
     layer = _layer(128)
     x = torch.randn(4, 14 * 14, 128, device="cuda")
-    layer.low_memory = True
+    layer.fused_kernels = True
     out_f, dx_f, g_f = grads_under_bf16_autocast(layer, x, compiled)
-    layer.low_memory = False
+    layer.fused_kernels = False
     out_u, dx_u, g_u = grads_under_bf16_autocast(layer, x)
     assert out_f.dtype == out_u.dtype
     assert relative_error(out_f, out_u) < 1e-2 and relative_error(dx_f, dx_u) < 2e-2

@@ -250,7 +250,7 @@ def test_one_create_model_for_every_timm_name():
     with pytest.raises(ValueError, match="unknown scan backend"):
         models.create_model("groupmamba_tiny", scan_backend="fast")
     with torch.device("meta"):  # GroupMamba's own options are ignored by other models
-        resnet = models.create_model("resnet18", num_classes=3, scan_backend="torch", low_memory=True)
+        resnet = models.create_model("resnet18", num_classes=3, scan_backend="torch", fused_kernels=True)
     assert resnet.fc.out_features == 3
 
 

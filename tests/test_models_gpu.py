@@ -30,14 +30,16 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "grid"])
-def test_reference_on_gpu(reference, backend):
+@pytest.mark.parametrize("backend, fused_kernels", [("torch", False), ("triton", False), ("cuda", False),
+                                                 ("grid", False), ("grid", True)])
+def test_reference_on_gpu(reference, backend, fused_kernels):
+    """Each scan backend; with ``fused_kernels`` the fused conv and norm kernels too."""
     why = available_backends()["triton" if backend == "grid" else backend]
     if why is not None:
         pytest.skip(f"{backend} backend unavailable: {why}")
-    run = run_reference(reference, "cuda", backend)
+    run = run_reference(reference, "cuda", backend, fused_kernels)
     errors = {key: rel_error(run[key], reference[key]) for key in ("eval_logits", "train_head", "train_dist_head")}
-    print(f"{backend}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
+    print(f"{backend}, fused kernels {fused_kernels}: " + ", ".join(f"{k} {v:.2e}" for k, v in errors.items()))
     assert all(v < TOLERANCE for v in errors.values()), errors
     failures = gradient_mismatches(run["grads"], reference["grads"])
     assert not failures, "\n".join(failures)

@@ -1,6 +1,6 @@
 """Speed decisions in one place: which scan runs, what is compiled, which steps are
-replayed from CUDA graphs, how much activation memory is kept (``--low-memory``,
-gradient checkpointing).
+replayed from CUDA graphs, where GroupMamba's fused kernels run, how much activation
+memory is kept (``--low-memory``, gradient checkpointing).
 
 :func:`plan_speed` turns the requested settings into a :class:`SpeedPlan` once, before
 the model is built, and :func:`plan_compile` settles ``--compile auto`` once the run's
@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch._functorch.config as functorch_config
 
-from kernels import grid_scan
+from kernels import HAS_TRITON, grid_scan
 from kernels.selective_scan import BackendUnavailableError, available_backends
 from models import is_groupmamba
 from utils.compile_cache import prepare_compile_cache
@@ -29,8 +29,9 @@ __all__ = ["LOW_MEMORY_BUDGET", "SpeedPlan", "choose_grad_checkpointing", "compi
            "compile_regions", "compile_seconds", "cuda_graph_problem", "cuda_graph_runners", "decide_compile",
            "describe_compile_seconds", "plan_compile", "plan_speed", "resolve_scan_backend", "set_grad_checkpointing"]
 
-# the compiler's activation memory budget in low-memory mode: below 1 its partitioner
-# recomputes cheap activations in the backward instead of keeping them (same numerics)
+# the compiler's activation memory budget with --low-memory: below 1 its partitioner
+# recomputes cheap activations in the backward instead of keeping them (same numerics;
+# groupmamba_tiny, batch 128, H100: 6.8 GiB instead of 11.3 for a tenth of the speed)
 LOW_MEMORY_BUDGET = 0.9
 
 
@@ -42,10 +43,12 @@ class SpeedPlan:
     cuda_graph: bool
     low_memory: bool
     grad_checkpointing: bool = False
+    fused_kernels: bool = False  # GroupMamba's Triton kernels for its convs and norms (CUDA)
     notes: tuple[str, ...] = ()  # why a requested option is off, or on when not asked for
 
     def describe(self) -> str:
         on = [name for name, flag in (("compiled blocks", self.compile), ("CUDA graphs", self.cuda_graph),
+                                      ("fused kernels", self.fused_kernels),
                                       ("low memory", self.low_memory),
                                       ("gradient checkpointing", self.grad_checkpointing)) if flag]
         scan = f"scan backend {self.scan_backend}; " if self.scan_backend else ""
@@ -128,7 +131,12 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
         notes.append("--grad-checkpointing is off: this toolkit does not capture recomputed blocks in "
                      "CUDA graphs (choose one of --grad-checkpointing and --cuda-graph)")
         grad_checkpointing = False
-    return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, grad_checkpointing, tuple(notes))
+    # the fused kernels halve the activation memory; their launches cost more host time than
+    # the ops they replace, so they are on by default only where a CUDA graph replays them
+    fused_kernels = (is_groupmamba(config.model) and env.device.type == "cuda" and HAS_TRITON
+                     and (cuda_graph or config.low_memory))
+    return SpeedPlan(backend, compile_, cuda_graph, config.low_memory, grad_checkpointing, fused_kernels,
+                     tuple(notes))
 
 
 # What compiling costs and saves for a GroupMamba (bench/RESULTS.md): seconds spent
@@ -136,14 +144,14 @@ def plan_speed(config, env, grad_scaling: bool) -> SpeedPlan:
 # the compile cache (2026-12-07: 106 + 47 s cold, 14 + 5 s warm, 25 + 10 s from
 # artifacts; later cold runs took 79-140 s), and its training seconds per image, keyed by
 # (compiled, CUDA graph): train.py's own loop (--preset fast: 192 px, batch 64, bf16,
-# GPU-resident data, Mixup, EMA) on an H100, 2026-12-07: 412 img/s eager, 916 eager with a
-# CUDA graph, 449 compiled without one, 1,683 compiled with one; stored here scaled to
-# 224 px. Other sizes and models are scaled by pixels and by MODEL_COST; a slower GPU
+# GPU-resident data, Mixup, EMA) on an H100, 2026-12-07: 412 img/s eager, 449 compiled,
+# and with a CUDA graph (and so the fused kernels) 1,289 eager, 1,565 compiled; stored
+# here scaled to 224 px. Other sizes and models are scaled by pixels and by MODEL_COST; a slower GPU
 # saves more per image, so the estimate errs towards eager.
 COMPILE_SECONDS = {"cold": 153.0, "warm": 19.0, "artifacts": 34.0}
 _AT_192 = (192 / 224) ** 2
-SECONDS_PER_IMAGE_224 = {(False, False): 1 / (412 * _AT_192), (False, True): 1 / (916 * _AT_192),
-                         (True, False): 1 / (449 * _AT_192), (True, True): 1 / (1683 * _AT_192)}
+SECONDS_PER_IMAGE_224 = {(False, False): 1 / (412 * _AT_192), (False, True): 1 / (1289 * _AT_192),
+                         (True, False): 1 / (449 * _AT_192), (True, True): 1 / (1565 * _AT_192)}
 # training time per image against tiny's (H200: 1,805 / 1,398 / 897 img/s, 2026-11-29)
 MODEL_COST = {"groupmamba_tiny": 1.0, "groupmamba_small": 1.29, "groupmamba_base": 2.01}
 VALIDATION_COST = 0.3  # an inference image against a training one (H100: 5,462 against 1,583 img/s)
