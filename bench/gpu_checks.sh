@@ -2,8 +2,10 @@
 # The checks to run on a machine with a CUDA GPU, one after another so that timings
 # have the GPU to themselves:
 #   1. the GPU tests (they skip themselves on a CPU-only machine);
-#   2. bench/bench_model.py on the default fast path (--compile --cuda-graph), which
-#      updates bench/results/<gpu>.json with the headline keys (train_img_s_tiny_224_bs128, ...);
+#   2. bench/bench_model.py on the default fast path (--compile --cuda-graph, the fused
+#      kernels on), which updates bench/results/<gpu>.json with the headline keys
+#      (train_img_s_tiny_224_bs128, ...), then the same training rows with --unfused (the
+#      baseline of the fused kernels, in the same call) into $OUT/bench_model_unfused.json;
 #   3. bench/bench_fused_norm.py (the fused LayerNorm kernels against the unfused ops, with
 #      their bandwidth), into $OUT/bench_fused_norm.json.
 # Logs and the kernel table go to $OUT. Run from the repository root:
@@ -34,6 +36,9 @@ python3 bench/bench_model.py --compile --cuda-graph --json "$JSON" --kernels-jso
     2>&1 | tee "$OUT/bench_model.log"
 bench=${PIPESTATUS[0]}
 cp "$JSON" "$OUT/" 2>/dev/null
+# shellcheck disable=SC2086
+python3 bench/bench_model.py --compile --cuda-graph --train-only --unfused --json "$OUT/bench_model_unfused.json" \
+    --kernels-json "$OUT/kernels_unfused.json" $BENCH 2>&1 | tee "$OUT/bench_model_unfused.log"
 python3 bench/bench_fused_norm.py --json "$OUT/bench_fused_norm.json" 2>&1 | tee "$OUT/bench_fused_norm.log"
 [ "$tests" -ne 0 ] && exit "$tests"
 exit "$bench"
