@@ -124,7 +124,9 @@ class Classifier:
         A file without that description (an official release) needs ``model_name``; its
         classes are named by ``class_names`` (default: ImageNet's for 1000 classes).
         ``scan_backend``: GroupMamba's selective scan (None: ``$GROUPMAMBA_SCAN_BACKEND``,
-        else ``auto``). ``img_size`` overrides the size images are resized to.
+        else ``auto``); on a CUDA device a GroupMamba runs its fused kernels (twice the
+        inference speed of the unfused ops, ``bench/RESULTS.md``). ``img_size`` overrides
+        the size images are resized to.
         """
         from utils.config import choose_scan_backend
 
@@ -143,7 +145,8 @@ class Classifier:
             about = _release(checkpoint, path, model_name, class_names, weights)
         else:  # the error a file without model_name gets, naming what is missing
             about = _ours(checkpoint, path, weights)
-        model = create_model(about.model_name, scan_backend=choose_scan_backend(scan_backend), **about.model_kwargs)
+        model = create_model(about.model_name, scan_backend=choose_scan_backend(scan_backend),
+                             fused_kernels=_device(device).type == "cuda", **about.model_kwargs)
         try:
             load_pretrained(model, about.state, reset_head=False)
         except CheckpointError as exc:

@@ -68,6 +68,25 @@ def test_probabilities_are_the_softmax_of_the_models_logits(clf, images):
     torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(len(images)))
 
 
+def _fused(model) -> set:
+    return {m.fused_kernels for m in model.modules() if hasattr(m, "fused_kernels")}
+
+
+def test_the_fused_kernels_are_for_cuda_devices(clf):
+    assert _fused(clf.model) == {False}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_the_fused_kernels_predict_what_the_unfused_ops_do(checkpoint, images):
+    from gpu_checks import set_fused_kernels
+    on_gpu = Classifier.from_checkpoint(checkpoint, device="cuda")
+    assert _fused(on_gpu.model) == {True}
+    batch = on_gpu.preprocess(images)
+    fused = on_gpu.probabilities(batch)
+    set_fused_kernels(on_gpu.model, False)
+    torch.testing.assert_close(fused, on_gpu.probabilities(batch), atol=2e-2, rtol=0)  # bf16 autocast
+
+
 def test_bad_inputs_are_value_errors(clf, images):
     with pytest.raises(ValueError, match="topk"):
         clf.predict(images[0], topk=0)
