@@ -50,13 +50,13 @@ def test_cuda_graphs_are_on_by_default_where_a_groupmamba_can_be_captured():
 def test_fused_kernels_run_where_a_cuda_graph_replays_them_or_memory_is_asked_for(on_cuda, overrides, fused,
                                                                                     monkeypatch):
     import utils.accel
+    env = DistEnv(device=CUDA if on_cuda else CPU)
     monkeypatch.setattr(utils.accel, "HAS_TRITON", True)
-    plan = plan_speed(request(**overrides), DistEnv(device=CUDA if on_cuda else CPU), grad_scaling=False)
+    plan = plan_speed(request(**overrides), env, grad_scaling=False)
     assert plan.fused_kernels is fused
     assert ("fused kernels" in plan.describe()) is fused
     monkeypatch.setattr(utils.accel, "HAS_TRITON", False)  # without Triton nothing to fuse with
-    assert not plan_speed(request(**overrides), DistEnv(device=CUDA if on_cuda else CPU),
-                          grad_scaling=False).fused_kernels
+    assert not plan_speed(request(**overrides), env, grad_scaling=False).fused_kernels
 
 
 def test_compile_auto_compiles_runs_long_enough_to_win_back_the_compile_time():
