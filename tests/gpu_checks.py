@@ -64,3 +64,14 @@ def assert_grads_close(fused: dict, unfused: dict, rtol: float) -> None:
             assert (fused[name].float() - expected.float()).norm().item() <= rtol * largest, name
         else:
             assert relative_error(fused[name], expected) < rtol, name
+
+
+def assert_fused_matches_unfused_in_float32(module, x: torch.Tensor, *args, dx_rtol: float, seed=None) -> float:
+    """:func:`fused_and_unfused_in_float32`, checked: the output within 1e-5 (relative),
+    dx within ``dx_rtol``, the parameter gradients by :func:`assert_grads_close` within
+    1e-4; returns the larger of the output's and dx's errors."""
+    (out_f, dx_f, g_f), (out_u, dx_u, g_u) = fused_and_unfused_in_float32(module, x, *args, seed=seed)
+    out_error, dx_error = relative_error(out_f, out_u), relative_error(dx_f, dx_u)
+    assert out_error < 1e-5 and dx_error < dx_rtol, (out_error, dx_error)
+    assert_grads_close(g_f, g_u, 1e-4)
+    return max(out_error, dx_error)
